@@ -1,0 +1,98 @@
+"""The change model: what every decoder produces and every formatter consumes.
+
+Pure data, no I/O. Decoders (one per output plugin) turn slot rows into
+:class:`Transaction` objects holding :class:`Change` objects; formatters turn a
+change into bytes; the sink never looks inside.
+
+Values keep PostgreSQL's text form (``None`` is SQL NULL) so that nothing is
+lost or reinterpreted on the way; typing them is a formatter's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Operation(str, Enum):
+    INSERT = "INSERT"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    TRUNCATE = "TRUNCATE"
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> the LSN as a 64-bit integer."""
+    high, _, low = text.partition("/")
+    if not low:
+        raise ValueError(f"not an LSN: {text!r} (expected 'X/Y' in hexadecimal)")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(lsn: int) -> str:
+    """The 64-bit integer -> PostgreSQL's ``'X/Y'`` text form."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of a row image, as the plugin printed it."""
+
+    name: str
+    type: str
+    value: str | None
+    # test_decoding prints "unchanged-toast-datum" for a TOASTed value that an
+    # UPDATE did not touch: the value is unknown here, never invent one.
+    unchanged_toast: bool = False
+
+
+@dataclass(slots=True)
+class Change:
+    """One row change (or one truncated table) inside a committed transaction."""
+
+    xid: int
+    lsn: int  # LSN of this change's WAL record
+    index: int  # position inside its transaction, from 0; with commit_lsn it makes the id
+    schema: str
+    table: str
+    op: Operation
+    # New row image (INSERT, UPDATE) or None.
+    after: tuple[Column, ...] | None = None
+    # Old row image or old key (UPDATE with a key change or REPLICA IDENTITY FULL,
+    # DELETE) or None when the plugin did not print it.
+    before: tuple[Column, ...] | None = None
+    # TRUNCATE options as printed (e.g. ("restart_seqs", "cascade")).
+    truncate_flags: tuple[str, ...] = ()
+    # Filled when the transaction is complete.
+    commit_lsn: int = 0
+    commit_time: str | None = None
+    # Filled by the pipeline from the catalog: primary-key column -> value,
+    # or None when the table has no primary key.
+    pk: dict[str, str | None] | None = None
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def id(self) -> str:
+        """Unique and stable per change: a rerun of the same batch yields the same ids."""
+        return f"{format_lsn(self.commit_lsn)}:{self.index}"
+
+
+@dataclass(slots=True)
+class Transaction:
+    """A committed transaction: changes are only ever published whole."""
+
+    xid: int
+    begin_lsn: int
+    commit_lsn: int  # LSN the slot is advanced to once this transaction is published
+    commit_time: str | None
+    changes: list[Change] = field(default_factory=list)
+    # Bytes of plugin output this transaction took, for batch accounting.
+    size: int = 0
+
+
+# One row of pg_logical_slot_peek_changes: (lsn, xid, data). The slot adapter
+# converts the LSN to an int; data is text for text plugins, bytes for pgoutput.
+SlotRow = tuple[int, int, "str | bytes"]
