@@ -1,0 +1,395 @@
+"""The logical replication slot: check, create, peek, advance, lag.
+
+Two-phase use: :meth:`ReplicationSlot.peek` never consumes anything; only
+:meth:`ReplicationSlot.advance`, called after Kinesis acknowledged a batch,
+moves the slot. Advancing is idempotent and never moves the slot backwards.
+
+While a process works on a slot it holds a session-level advisory lock named
+after the slot, so two runs on one slot cannot interleave; the lock goes away
+with the connection, so a crashed process never leaves it behind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2 import sql
+
+from pg2kinesis_dagster.core.changes import SlotRow, format_lsn, parse_lsn
+from pg2kinesis_dagster.core.errors import ConfigError, SourceError
+from pg2kinesis_dagster.postgres.connection import PostgresSettings
+
+# PostgreSQL's own rule for slot names (ReplicationSlotValidateName).
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+# Constant first half of the two-int advisory lock key, so our locks never collide with an application's.
+_LOCK_CLASS = 0x70673271  # "pg2q"
+_FETCH_ROWS = 5000
+
+
+def validate_slot_name(name: str) -> str:
+    if not _SLOT_NAME.match(name or ""):
+        raise ConfigError(
+            f"invalid replication slot name {name!r}: use 1-63 lower-case letters, digits or underscores "
+            "(PostgreSQL's rule for slot names)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class SlotState:
+    name: str
+    plugin: str
+    database: str
+    active_pid: int | None
+    confirmed_flush_lsn: int | None
+    restart_lsn: int | None
+
+
+@dataclass
+class PeekedRows:
+    """Whole transactions peeked from the slot, plus where to advance once they are published."""
+
+    rows: list[SlotRow]
+    # The slot's confirmed position when peeked: where this batch starts.
+    start_lsn: int
+    # The WAL position the peek was bounded by.
+    upto_lsn: int
+    # Where the slot may be advanced once every row is published: the last commit's LSN, or, when
+    # nothing was pending up to upto_lsn, upto_lsn itself (so an idle slot does not hold WAL).
+    advance_to: int | None
+    transactions: int
+    data_bytes: int
+    # True when the batch stopped at a size limit, so more is pending before upto_lsn.
+    limited: bool
+
+
+@dataclass(frozen=True)
+class AdvanceResult:
+    before: int | None
+    after: int | None
+    target: int
+    moved: bool
+
+
+class ReplicationSlot:
+    """One logical slot in one database, reached through its own connection."""
+
+    def __init__(self, settings: PostgresSettings, slot_name: str, plugin: str) -> None:
+        self.settings = settings
+        self.name = validate_slot_name(slot_name)
+        self.plugin = plugin
+        self._conn: psycopg2.extensions.connection | None = None
+        self._locked = False
+
+    # -- connection and lock -------------------------------------------------------------
+    @property
+    def conn(self) -> psycopg2.extensions.connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.settings.connect(autocommit=True)
+            self._locked = False
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+        self._conn = None
+        self._locked = False
+
+    def __enter__(self) -> ReplicationSlot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, query: str | sql.Composable, params: tuple[object, ...] = ()) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def lock(self) -> None:
+        """Take the slot's advisory lock for this connection's lifetime; fail if another process has it."""
+        if self._locked and self._conn is not None and not self._conn.closed:
+            return
+        (got,) = self._query(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, self.name)
+        )[0]
+        if not got:
+            holders = self._query(
+                "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.classid = %s "
+                "AND l.objid = hashtext(%s)::oid AND l.granted",
+                (_LOCK_CLASS, self.name),
+            )
+            pid = holders[0][0] if holders else "?"
+            raise SourceError(
+                f"replication slot {self.name!r} is being replicated by another pg2kinesis process or run "
+                f"(PostgreSQL backend PID {pid} holds its lock): wait for it to finish, stop it, or use "
+                "another slot. Nothing was read or advanced."
+            )
+        self._locked = True
+
+    # -- checks ------------------------------------------------------------------------
+    def state(self) -> SlotState | None:
+        rows = self._query(
+            "SELECT slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active_pid, "
+            "confirmed_flush_lsn::text, restart_lsn::text, slot_type FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (self.name,),
+        )
+        if not rows:
+            return None
+        name, plugin, database, pid, confirmed, restart, slot_type = rows[0]
+        if slot_type != "logical":
+            raise SourceError(
+                f"replication slot {self.name!r} is a {slot_type} slot; a logical slot is needed: "
+                "choose another --pg-slot-name or drop it and use --create-slot"
+            )
+        return SlotState(
+            name=name,
+            plugin=plugin,
+            database=database,
+            active_pid=pid,
+            confirmed_flush_lsn=parse_lsn(confirmed) if confirmed else None,
+            restart_lsn=parse_lsn(restart) if restart else None,
+        )
+
+    def check_server(self) -> None:
+        """wal_level and the role's REPLICATION right, with the fix in the message."""
+        (wal_level,) = self._query("SHOW wal_level")[0]
+        if wal_level != "logical":
+            raise SourceError(
+                f"wal_level is {wal_level!r} on {self.settings.describe()}; logical decoding needs "
+                "wal_level = logical: set it in postgresql.conf (on Amazon RDS: rds.logical_replication = 1 "
+                "in the DB parameter group) and restart PostgreSQL"
+            )
+        (user, can_replicate) = self._query(
+            "SELECT current_user::text, rolreplication OR rolsuper OR EXISTS ("
+            "  SELECT 1 FROM pg_roles r WHERE r.rolname = 'rds_replication'"
+            "  AND pg_has_role(current_user, r.oid, 'MEMBER')) "
+            "FROM pg_roles WHERE rolname = current_user"
+        )[0]
+        if not can_replicate:
+            raise SourceError(
+                f"role {user!r} may not use replication slots: run ALTER ROLE {user} REPLICATION "
+                f"(on Amazon RDS: GRANT rds_replication TO {user})"
+            )
+
+    def ensure(self, *, create: bool = False, recreate: bool = False) -> SlotState:
+        """Check the server and the slot, creating or recreating it when asked."""
+        self.check_server()
+        self.lock()
+        current = self.state()
+        if current is not None and recreate:
+            self.drop()
+            current = None
+        if current is None:
+            if not (create or recreate):
+                raise SourceError(
+                    f"replication slot {self.name!r} does not exist in {self.settings.describe()}: "
+                    f"pass --create-slot, or run SELECT pg_create_logical_replication_slot('{self.name}', "
+                    f"'{self.plugin}')"
+                )
+            self.create()
+            current = self.state()
+            assert current is not None
+        self._check_matches(current)
+        return current
+
+    def _check_matches(self, state: SlotState) -> None:
+        (dbname,) = self._query("SELECT current_database()::text")[0]
+        if state.database != dbname:
+            raise SourceError(
+                f"replication slot {self.name!r} belongs to database {state.database!r}, not {dbname!r}: "
+                "connect to that database (--pg-dbname) or use another slot"
+            )
+        if state.plugin != self.plugin:
+            raise SourceError(
+                f"replication slot {self.name!r} uses output plugin {state.plugin!r} but "
+                f"{self.plugin!r} was asked for: pass --pg-slot-output-plugin {state.plugin}, or "
+                "--recreate-slot (which drops the changes still pending on the slot)"
+            )
+        if state.active_pid is not None and state.active_pid != self.conn.get_backend_pid():
+            raise SourceError(
+                f"replication slot {self.name!r} is in use by PostgreSQL backend PID {state.active_pid} "
+                "(another pg2kinesis, pg_recvlogical or a subscriber): stop that client or use another slot"
+            )
+
+    def create(self) -> None:
+        try:
+            self._query(
+                "SELECT pg_create_logical_replication_slot(%s, %s)", (self.name, self.plugin)
+            )
+        except psycopg2.errors.UndefinedFile:
+            raise SourceError(
+                f"output plugin {self.plugin!r} is not installed on the server: install it "
+                "(Debian: postgresql-15-wal2json for wal2json) or choose test_decoding"
+            ) from None
+        except psycopg2.Error as exc:
+            raise self._translate(exc, "create the slot") from None
+
+    def drop(self) -> None:
+        self._query("SELECT pg_drop_replication_slot(%s)", (self.name,))
+
+    # -- reading -----------------------------------------------------------------------
+    def current_wal_lsn(self) -> int:
+        (lsn,) = self._query("SELECT pg_current_wal_lsn()::text")[0]
+        return parse_lsn(lsn)
+
+    def lag_bytes(self) -> int | None:
+        rows = self._query(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (self.name,),
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def has_pending(self) -> bool:
+        """Whether the slot holds at least one change: a cheap peek of one transaction."""
+        self._require_exists()
+        try:
+            rows = self._query(
+                "SELECT count(*) FROM pg_logical_slot_peek_changes(%s, NULL, 1)", (self.name,)
+            )
+        except psycopg2.Error as exc:
+            raise self._translate(exc, "peek the slot") from None
+        return bool(rows[0][0])
+
+    def peek(
+        self,
+        *,
+        options: tuple[str, ...],
+        max_changes: int,
+        max_bytes: int,
+        is_commit: Callable[[str | bytes], bool],
+        upto_lsn: int | None = None,
+        binary: bool = False,
+    ) -> PeekedRows:
+        """Read whole transactions without consuming them.
+
+        A batch stops after the first transaction that reaches ``max_changes`` rows or ``max_bytes``
+        bytes of plugin output: it is always whole transactions, so one huge transaction makes one
+        batch larger than the limits.
+        """
+        self.lock()
+        state = self._require_exists()
+        if upto_lsn is None:
+            upto_lsn = self.current_wal_lsn()
+        function = "pg_logical_slot_peek_binary_changes" if binary else "pg_logical_slot_peek_changes"
+        query = sql.SQL(
+            "SELECT lsn::text, xid::text::bigint, data FROM {}(%s, %s::pg_lsn, %s, VARIADIC %s::text[])"
+        ).format(sql.Identifier(function))
+        rows: list[SlotRow] = []
+        transactions = 0
+        data_bytes = 0
+        limited = False
+        last_commit: int | None = None
+        # A separate transaction with a server-side cursor: rows stream in chunks, and we stop
+        # reading at a limit instead of pulling everything the function produced.
+        conn = self.settings.connect(autocommit=False)
+        try:
+            with conn.cursor(name=f"pg2k_peek_{self.name}") as cur:
+                cur.itersize = _FETCH_ROWS
+                try:
+                    cur.execute(query, (self.name, format_lsn(upto_lsn), max_changes, list(options)))
+                    for lsn_text, xid, data in _iter_cursor(cur):
+                        if binary:
+                            data = bytes(data)
+                        lsn = parse_lsn(lsn_text)
+                        rows.append((lsn, xid, data))
+                        data_bytes += len(data)
+                        if is_commit(data):
+                            transactions += 1
+                            last_commit = lsn
+                            if len(rows) >= max_changes or data_bytes >= max_bytes:
+                                limited = True
+                                break
+                except psycopg2.Error as exc:
+                    raise self._translate(exc, "peek the slot") from None
+            conn.rollback()
+        finally:
+            conn.close()
+        # Rows after the last commit belong to a transaction we did not finish reading.
+        if last_commit is not None:
+            while rows and rows[-1][0] != last_commit:
+                rows.pop()
+        else:
+            rows = []
+        if len(rows) >= max_changes:
+            limited = True
+        advance_to = last_commit if last_commit is not None else (None if limited else upto_lsn)
+        return PeekedRows(
+            rows=rows,
+            start_lsn=state.confirmed_flush_lsn or 0,
+            upto_lsn=upto_lsn,
+            advance_to=advance_to,
+            transactions=transactions,
+            data_bytes=sum(len(r[2]) for r in rows),
+            limited=limited,
+        )
+
+    # -- advancing ---------------------------------------------------------------------
+    def advance(self, target: int) -> AdvanceResult:
+        """Move the slot to ``target`` unless it is already there or further: never backwards."""
+        self.lock()
+        state = self._require_exists()
+        before = state.confirmed_flush_lsn
+        if before is not None and before >= target:
+            return AdvanceResult(before=before, after=before, target=target, moved=False)
+        try:
+            (end,) = self._query(
+                "SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)",
+                (self.name, format_lsn(target)),
+            )[0]
+        except psycopg2.Error as exc:
+            raise self._translate(exc, "advance the slot") from None
+        after = parse_lsn(end) if end else None
+        return AdvanceResult(before=before, after=after, target=target, moved=True)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _require_exists(self) -> SlotState:
+        state = self.state()
+        if state is None:
+            raise SourceError(
+                f"replication slot {self.name!r} does not exist in {self.settings.describe()}: "
+                "pass --create-slot (or create it with pg_create_logical_replication_slot)"
+            )
+        return state
+
+    def _translate(self, exc: psycopg2.Error, action: str) -> SourceError:
+        """A PostgreSQL error, said with the slot's name and the fix."""
+        message = (exc.pgerror or str(exc)).strip().splitlines()[0] if (exc.pgerror or str(exc)) else ""
+        code = exc.pgcode or ""
+        if code == "55006":  # object_in_use: another backend has acquired the slot
+            fix = (
+                "another client is reading this slot: stop it (pg_recvlogical, a subscriber) "
+                "or use another slot"
+            )
+        elif code == "42501":  # insufficient_privilege
+            fix = (
+                "the role lacks the right: ALTER ROLE <role> REPLICATION "
+                "(on Amazon RDS: GRANT rds_replication TO <role>)"
+            )
+        elif code == "42704":  # undefined_object: slot missing
+            fix = "create the slot (--create-slot)"
+        elif code == "55000":  # object_not_in_prerequisite_state, e.g. wal_level
+            fix = "check wal_level = logical and that the slot is a logical slot of this database"
+        elif code in ("58P01", "22023"):
+            fix = f"check that the output plugin {self.plugin!r} is installed and its options are valid"
+        else:
+            fix = "see PostgreSQL's message"
+        return SourceError(
+            f"could not {action} {self.name!r} ({self.settings.describe()}): {message} [{code}]: {fix}. "
+            "The slot was not advanced."
+        )
+
+
+def _iter_cursor(cur: psycopg2.extensions.cursor) -> Iterator[tuple]:
+    while True:
+        chunk = cur.fetchmany(cur.itersize)
+        if not chunk:
+            return
+        yield from chunk
