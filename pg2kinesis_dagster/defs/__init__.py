@@ -1,0 +1,94 @@
+"""The Dagster code location, configured from environment variables (see the README's table).
+
+``definitions.py`` at the repository root exposes :data:`defs` built here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from dagster import Definitions, EnvVar
+
+from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.defs.assets import primary_key_metadata, replication_checkpoint
+from pg2kinesis_dagster.defs.automation import build_schedule, build_sensor
+from pg2kinesis_dagster.defs.jobs import build_replicate_job
+from pg2kinesis_dagster.defs.resources import (
+    KinesisResource,
+    PostgresResource,
+    ReplicationResource,
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name)
+    return default if value is None or value == "" else value.strip().lower() in _TRUE
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value if value else None
+
+
+def build_resources(env: Mapping[str, str]) -> dict[str, object]:
+    postgres = PostgresResource(
+        dsn=env.get("PG2K_PG_DSN", ""),
+        host=_opt(env, "PG2K_PG_HOST"),
+        port=int(env["PG2K_PG_PORT"]) if env.get("PG2K_PG_PORT") else None,
+        dbname=_opt(env, "PG2K_PG_DBNAME"),
+        user=_opt(env, "PG2K_PG_USER"),
+        # Through EnvVar only: the UI and run config show the variable's name, never the value.
+        password=EnvVar("PG2K_PG_PASSWORD") if env.get("PG2K_PG_PASSWORD") else None,
+        sslmode=_opt(env, "PG2K_PG_SSLMODE"),
+    )
+    kinesis = KinesisResource(
+        stream_name=env.get("PG2K_STREAM_NAME", "pg2kinesis"),
+        region_name=(
+            _opt(env, "PG2K_AWS_REGION") or _opt(env, "AWS_REGION") or _opt(env, "AWS_DEFAULT_REGION")
+        ),
+        endpoint_url=_opt(env, "PG2K_KINESIS_ENDPOINT_URL"),
+        profile_name=_opt(env, "PG2K_AWS_PROFILE"),
+        max_retry_seconds=float(env.get("PG2K_MAX_RETRY_SECONDS", "300")),
+    )
+    replication = ReplicationResource(
+        postgres=postgres,
+        kinesis=kinesis,
+        slot_name=env.get("PG2K_SLOT_NAME", "pg2kinesis"),
+        output_plugin=env.get("PG2K_OUTPUT_PLUGIN", "test_decoding"),
+        message_formatter=env.get("PG2K_MESSAGE_FORMATTER", "CSVPayload"),
+        full_change=_flag(env, "PG2K_FULL_CHANGE"),
+        table_pat=_opt(env, "PG2K_TABLE_PAT"),
+        exclude_table_pat=_opt(env, "PG2K_EXCLUDE_TABLE_PAT"),
+        operations=_opt(env, "PG2K_OPERATIONS"),
+        no_primary_key=env.get("PG2K_NO_PRIMARY_KEY", "publish"),
+        partition_key=env.get("PG2K_PARTITION_KEY", "row"),
+        max_changes=int(env.get("PG2K_MAX_CHANGES", pipeline.DEFAULT_MAX_CHANGES)),
+        max_bytes=int(env.get("PG2K_MAX_BYTES", pipeline.DEFAULT_MAX_BYTES)),
+        create_slot=_flag(env, "PG2K_CREATE_SLOT"),
+    )
+    return {"postgres": postgres, "kinesis": kinesis, "replication": replication}
+
+
+def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
+    env = os.environ if env is None else env
+    slot_name = env.get("PG2K_SLOT_NAME", "pg2kinesis")
+    job = build_replicate_job(slot_name)
+    return Definitions(
+        assets=[replication_checkpoint, primary_key_metadata],
+        jobs=[job],
+        sensors=[
+            build_sensor(
+                job,
+                default_running=_flag(env, "PG2K_SENSOR_RUNNING"),
+                interval_seconds=int(env.get("PG2K_SENSOR_INTERVAL_SECONDS", "5")),
+            )
+        ],
+        schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name)],
+        resources=build_resources(env),
+    )
+
+
+defs = build_definitions()

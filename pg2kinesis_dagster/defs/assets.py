@@ -1,0 +1,55 @@
+"""Assets: the checkpoint history (materialized by each run's advance_slot) and primary-key metadata."""
+
+
+import pandas as pd
+from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset
+
+from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET
+from pg2kinesis_dagster.defs.resources import PostgresResource
+from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
+
+replication_checkpoint = AssetSpec(
+    CHECKPOINT_ASSET,
+    description=(
+        "Where the slot stands. Every replicate run records a materialization with its start and end "
+        "LSN, transactions, changes, bytes, changes per table and operation, and the lag after "
+        "advancing: its history is the checkpoint history."
+    ),
+    group_name="pg2kinesis",
+)
+
+
+def table_keys_frame(tables: dict[tuple[str, str], TableKey]) -> pd.DataFrame:
+    rows = [
+        {
+            "schema": key.schema,
+            "table": key.table,
+            "key_columns": list(key.key_columns),
+            "key_types": list(key.key_types),
+            "replica_identity": key.replica_identity,
+            "no_primary_key": not key.has_primary_key,
+        }
+        for key in tables.values()
+    ]
+    columns = ["schema", "table", "key_columns", "key_types", "replica_identity", "no_primary_key"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+@asset(group_name="pg2kinesis")
+def primary_key_metadata(context: AssetExecutionContext, postgres: PostgresResource) -> MaterializeResult:
+    """Every user table with its primary-key columns and types, replica identity and a no-key flag,
+    read from PostgreSQL's catalogs. Tables without a key are replicated keyed by table (or skipped,
+    by the no_primary_key policy)."""
+    frame = table_keys_frame(load_table_keys(postgres.settings()))
+    no_key = frame.loc[frame["no_primary_key"], "table"].tolist()
+    preview = frame.assign(
+        key_columns=frame["key_columns"].map(", ".join), key_types=frame["key_types"].map(", ".join)
+    )
+    return MaterializeResult(
+        value=frame,
+        metadata={
+            "tables": len(frame),
+            "tables_without_primary_key": len(no_key),
+            "preview": MetadataValue.md(preview.head(50).to_markdown(index=False) if len(frame) else "none"),
+        },
+    )

@@ -1,0 +1,126 @@
+"""Dagster resources: where PostgreSQL and Kinesis are, and what to replicate.
+
+Secrets never go into plain config: set the PostgreSQL password and AWS keys with
+``EnvVar("...")`` (the UI then shows the variable's name, not its value), or leave them
+empty and let libpq (``PGPASSWORD``, ``~/.pgpass``) and the AWS credential chain find them.
+"""
+
+
+from dagster import ConfigurableResource, InitResourceContext
+from dagster_aws.utils import ResourceWithBoto3Configuration
+from pydantic import Field, PrivateAttr
+
+from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
+from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
+from pg2kinesis_dagster.postgres.connection import PostgresSettings
+
+SLOT_TAG = "pg2kinesis/slot"
+
+
+class PostgresResource(ConfigurableResource):
+    """A PostgreSQL database with logical decoding. Empty fields fall back to libpq's PG* variables."""
+
+    dsn: str = Field(default="", description="libpq connection string or URI (no password in it)")
+    host: str | None = None
+    port: int | None = None
+    dbname: str | None = None
+    user: str | None = None
+    password: str | None = Field(default=None, description="Only ever set with EnvVar(...)")
+    sslmode: str | None = Field(default=None, description="libpq sslmode: disable ... verify-full")
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Other libpq keywords (sslrootcert, connect_timeout ...)"
+    )
+
+    def settings(self) -> PostgresSettings:
+        return PostgresSettings(
+            dsn=self.dsn,
+            host=self.host,
+            port=self.port,
+            dbname=self.dbname,
+            user=self.user,
+            password=self.password,
+            sslmode=self.sslmode,
+            options=dict(self.options),
+        )
+
+
+class KinesisResource(ResourceWithBoto3Configuration):
+    """A Kinesis data stream, configured like dagster-aws's boto3 resources.
+
+    ``endpoint_url`` empty means AWS (or ``AWS_ENDPOINT_URL_KINESIS`` when set).
+    """
+
+    stream_name: str = Field(default="pg2kinesis", description="The Kinesis data stream")
+    max_retry_seconds: float = Field(
+        default=300.0, description="Give up (and fail the run, slot untouched) after retrying this long"
+    )
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+    def sink(self) -> KinesisSink:
+        client = make_kinesis_client(
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            profile_name=self.profile_name,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_attempts=self.max_attempts,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            verify=self.verify,
+            use_ssl=self.use_ssl,
+        )
+        return KinesisSink(client, self.stream_name, max_retry_seconds=self.max_retry_seconds)
+
+
+class ReplicationResource(ConfigurableResource):
+    """One slot replicated into one stream; the ops of a run share its connection and slot lock."""
+
+    postgres: PostgresResource
+    kinesis: KinesisResource
+    slot_name: str = "pg2kinesis"
+    output_plugin: str = "test_decoding"
+    message_formatter: str = Field(default="CSVPayload", description="CSV, CSVPayload, JSON or pkg.mod:Class")
+    full_change: bool = False
+    table_pat: str | None = Field(default=None, description="Regex searched in schema.table: include")
+    exclude_table_pat: str | None = Field(default=None, description="Regex searched in schema.table: exclude")
+    operations: str | None = Field(default=None, description="e.g. insert,update (default: all)")
+    no_primary_key: str = Field(default="publish", description="publish (keyed by table) or skip")
+    partition_key: str = Field(default="row", description="row, table, xid or constant")
+    partition_key_constant: str = "pg2kinesis"
+    max_changes: int = pipeline.DEFAULT_MAX_CHANGES
+    max_bytes: int = pipeline.DEFAULT_MAX_BYTES
+    create_slot: bool = False
+
+    _replicator: Replicator | None = PrivateAttr(default=None)
+
+    def replication_settings(self) -> ReplicationSettings:
+        return ReplicationSettings(
+            slot_name=self.slot_name,
+            output_plugin=self.output_plugin,
+            message_formatter=self.message_formatter,
+            full_change=self.full_change,
+            table_pat=self.table_pat,
+            exclude_table_pat=self.exclude_table_pat,
+            operations=self.operations,
+            no_primary_key=self.no_primary_key,
+            partition_key=self.partition_key,
+            partition_key_constant=self.partition_key_constant,
+            max_changes=self.max_changes,
+            max_bytes=self.max_bytes,
+            create_slot=self.create_slot,
+        )
+
+    def replicator(self) -> Replicator:
+        if self._replicator is None:
+            self._replicator = Replicator(
+                self.postgres.settings(), self.kinesis.sink(), self.replication_settings()
+            )
+        return self._replicator
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._replicator is not None:
+            self._replicator.close()
+            self._replicator = None
