@@ -1,0 +1,221 @@
+"""``pg2k`` (alias ``pg2kinesis``): the same pipeline as the Dagster job, from a shell.
+
+Accepts pg2kinesis's flags with the same meaning, so its users can switch by changing the
+command name. Without ``--once`` it runs until interrupted, like pg2kinesis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.core.errors import Pg2KinesisError
+from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
+from pg2kinesis_dagster.pipeline import BatchResult, ReplicationSettings, Replicator
+from pg2kinesis_dagster.postgres.connection import PostgresSettings
+
+log = logging.getLogger("pg2kinesis")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pg2k",
+        description=(
+            "Replicate committed changes from a PostgreSQL logical replication slot to an AWS Kinesis "
+            "stream: peek, publish, and advance the slot only after Kinesis acknowledged every record. "
+            "Delivery is at-least-once; every record carries a stable change id. Connection settings "
+            "left empty fall back to libpq's PG* variables (the password: PGPASSWORD or ~/.pgpass), "
+            "AWS settings to the standard credential chain."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
+    pg.add_argument("--pg-dbname", default=None, help="database (default: PGDATABASE)")
+    pg.add_argument("--pg-host", default=None, help="host (default: PGHOST or the local socket)")
+    pg.add_argument("--pg-port", type=int, default=None, help="port (default: PGPORT or 5432)")
+    pg.add_argument("--pg-user", default=None, help="role (default: PGUSER)")
+    pg.add_argument("--pg-sslmode", default=None, help="libpq sslmode (default: PGSSLMODE or prefer)")
+    pg.add_argument("--pg-dsn", default="", help="a libpq connection string or URI; the flags above override it")
+    pg.add_argument("--pg-slot-name", default="pg2kinesis", help="logical replication slot")
+    pg.add_argument(
+        "--pg-slot-output-plugin",
+        default="test_decoding",
+        choices=["test_decoding"],
+        help="the slot's output plugin",
+    )
+    pg.add_argument("--create-slot", action="store_true", help="create the slot if it does not exist")
+    pg.add_argument(
+        "--recreate-slot",
+        action="store_true",
+        help="drop and create the slot first (loses the changes pending on it)",
+    )
+
+    out = parser.add_argument_group("Kinesis")
+    out.add_argument("--stream-name", default="pg2kinesis", help="Kinesis data stream")
+    out.add_argument("--aws-region", default=None, help="AWS region (default: AWS_REGION/AWS_DEFAULT_REGION)")
+    out.add_argument("--aws-profile", default=None, help="AWS profile (default: AWS_PROFILE)")
+    out.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="Kinesis endpoint, e.g. a local emulator (default: AWS_ENDPOINT_URL_KINESIS, then AWS)",
+    )
+    out.add_argument(
+        "--max-retry-seconds",
+        type=float,
+        default=300.0,
+        help="keep retrying Kinesis this long, then fail with the slot untouched",
+    )
+
+    fmt = parser.add_argument_group("What is published (pg2kinesis flags)")
+    fmt.add_argument(
+        "--message-formatter",
+        default="CSVPayload",
+        help="CSV, CSVPayload (pg2kinesis formats), JSON, or a class as package.module:Class",
+    )
+    fmt.add_argument("--full-change", action="store_true", help="include the row images in CSVPayload")
+    fmt.add_argument("--table-pat", default=None, help="only tables whose schema.table matches this regex")
+    fmt.add_argument("--exclude-table-pat", default=None, help="skip tables whose schema.table matches")
+    fmt.add_argument(
+        "--operations",
+        action="append",
+        default=None,
+        help="operations to publish, comma-separated or repeated: insert,update,delete,truncate (default: all)",
+    )
+    fmt.add_argument(
+        "--no-primary-key",
+        choices=["publish", "skip"],
+        default="publish",
+        help="changes of tables without a primary key: publish keyed by table, or skip as pg2kinesis did",
+    )
+    fmt.add_argument(
+        "--partition-key",
+        choices=["row", "table", "xid", "constant"],
+        default="row",
+        help="Kinesis partition key: the row (table + key), the table, the transaction id, or a constant",
+    )
+    fmt.add_argument("--partition-key-constant", default="pg2kinesis", help="with --partition-key constant")
+
+    run = parser.add_argument_group("Running")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="drain what is pending up to the current WAL position, then exit 0",
+    )
+    run.add_argument(
+        "--max-changes", type=int, default=pipeline.DEFAULT_MAX_CHANGES, help="rows per batch (whole transactions)"
+    )
+    run.add_argument(
+        "--max-bytes", type=int, default=pipeline.DEFAULT_MAX_BYTES, help="plugin output bytes per batch"
+    )
+    run.add_argument("--poll-interval", type=float, default=1.0, help="seconds to wait when nothing is pending")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every batch")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, ReplicationSettings]:
+    pg = PostgresSettings(
+        dsn=args.pg_dsn,
+        host=args.pg_host,
+        port=args.pg_port,
+        dbname=args.pg_dbname,
+        user=args.pg_user,
+        sslmode=args.pg_sslmode,
+    )
+    operations = ",".join(args.operations) if args.operations else None
+    replication = ReplicationSettings(
+        slot_name=args.pg_slot_name,
+        output_plugin=args.pg_slot_output_plugin,
+        message_formatter=args.message_formatter,
+        full_change=args.full_change,
+        table_pat=args.table_pat,
+        exclude_table_pat=args.exclude_table_pat,
+        operations=operations,
+        no_primary_key=args.no_primary_key,
+        partition_key=args.partition_key,
+        partition_key_constant=args.partition_key_constant,
+        max_changes=args.max_changes,
+        max_bytes=args.max_bytes,
+        create_slot=args.create_slot,
+        recreate_slot=args.recreate_slot,
+    )
+    return pg, replication
+
+
+class _Stop:
+    """Finish the batch in hand, then stop, on SIGINT/SIGTERM."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.info("stopping after the current batch (signal %s)", signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or not args.once else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        pg, replication = settings_from_args(args)
+        client = make_kinesis_client(
+            region_name=args.aws_region, endpoint_url=args.endpoint_url, profile_name=args.aws_profile
+        )
+        sink = KinesisSink(client, args.stream_name, max_retry_seconds=args.max_retry_seconds)
+        with Replicator(pg, sink, replication) as replicator:
+            return _run(replicator, args)
+    except Pg2KinesisError as exc:
+        print(f"pg2k: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _log_batch(batch: BatchResult) -> None:
+    log.info("batch %s", json.dumps(batch.summary()))
+
+
+def _run(replicator: Replicator, args: argparse.Namespace) -> int:
+    replicator.prepare()
+    if args.once:
+        result = replicator.drain(on_batch=_log_batch if args.verbose else None)
+        summary = {
+            "batches": result.batches,
+            "transactions": result.stats.transactions,
+            "changes": result.stats.changes,
+            "published": result.stats.published,
+            "filtered": result.stats.filtered,
+            "skipped_no_primary_key": result.stats.skipped_no_key,
+            "seconds": round(result.seconds, 3),
+            "changes_per_second": round(result.stats.changes / result.seconds) if result.seconds else 0,
+        }
+        print(json.dumps(summary))
+        return 0
+    stop = _Stop()
+    log.info(
+        "replicating slot %r to stream %r (Ctrl-C to stop)", replicator.slot.name, replicator.sink.stream_name
+    )
+    while not stop.requested:
+        batch = replicator.run_batch()
+        if batch.published.stats.changes:
+            _log_batch(batch)
+        if not batch.limited and not stop.requested:
+            time.sleep(args.poll_interval)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
