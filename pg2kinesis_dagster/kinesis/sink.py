@@ -1,0 +1,406 @@
+"""Send records to a Kinesis data stream: every record acknowledged, or an error.
+
+The caller advances the replication slot only after :meth:`KinesisSink.put`
+returns, so ``put`` either gets every record acknowledged by Kinesis or raises
+:class:`SinkError`. Failed entries are retried in place, and
+:func:`~pg2kinesis_dagster.core.batching.next_request` never sends a later
+change of a row while an earlier one is unacknowledged, so each row's changes
+reach the stream in commit order (at-least-once: a record may be written twice
+if an acknowledgement is lost, never reordered per row).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoRegionError,
+    ProfileNotFound,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from pg2kinesis_dagster.core.batching import (
+    Record,
+    check_record,
+    next_request,
+    remove_acknowledged,
+)
+from pg2kinesis_dagster.core.errors import ConfigError, SinkError
+
+# botocore builds client classes at runtime; there is no importable type.
+KinesisClient = Any
+
+# Request-level error codes worth retrying (besides any HTTP 5xx).
+RETRYABLE_REQUEST_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "KMSThrottlingException",
+        "InternalFailure",
+        "InternalFailureException",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+    }
+)
+# KMS problems that retrying cannot fix: the key is gone, disabled or forbidden.
+KMS_KEY_ERROR_CODES = frozenset(
+    {
+        "KMSAccessDeniedException",
+        "KMSDisabledException",
+        "KMSInvalidStateException",
+        "KMSNotFoundException",
+        "KMSOptInRequired",
+    }
+)
+THROTTLING_CODES = frozenset(
+    {"ProvisionedThroughputExceededException", "KMSThrottlingException", "ThrottlingException",
+     "LimitExceededException", "RequestLimitExceeded", "Throttling", "TooManyRequestsException"}
+)
+# Transport failures: the request may or may not have been applied; resending is
+# safe under at-least-once.
+_TRANSPORT_ERRORS = (HTTPClientError, BotoConnectionError)
+
+
+def make_kinesis_client(
+    region_name: str | None = None,
+    endpoint_url: str | None = None,
+    profile_name: str | None = None,
+    connect_timeout: float = 5,
+    read_timeout: float = 30,
+    max_attempts: int = 3,
+    *,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    aws_session_token: str | None = None,
+    verify: bool | None = None,
+    use_ssl: bool = True,
+) -> KinesisClient:
+    """A Kinesis client using the standard AWS credential chain.
+
+    With ``endpoint_url=None`` botocore still honours ``AWS_ENDPOINT_URL_KINESIS``
+    / ``AWS_ENDPOINT_URL`` (e.g. to point at a local emulator).
+    """
+    config = Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        # botocore's own retries cover brief blips inside one call; the sink's
+        # loop handles longer outages and per-entry failures.
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+    )
+    try:
+        # Explicit keys are for dagster-aws-style resources fed by EnvVar; None means the chain.
+        session = boto3.session.Session(
+            profile_name=profile_name,
+            region_name=region_name,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+        )
+        return session.client(
+            "kinesis", endpoint_url=endpoint_url, config=config, verify=verify, use_ssl=use_ssl
+        )
+    except ProfileNotFound as exc:
+        raise ConfigError(
+            f"AWS profile {profile_name!r} not found in the AWS config/credentials files: "
+            "fix --aws-profile or the AWS_PROFILE environment variable."
+        ) from exc
+    except NoRegionError as exc:
+        raise ConfigError(
+            "no AWS region configured for Kinesis: pass --aws-region or set AWS_REGION / "
+            "AWS_DEFAULT_REGION."
+        ) from exc
+
+
+@dataclass(slots=True)
+class PutReport:
+    """What one :meth:`KinesisSink.put` call did."""
+
+    records: int  # records acknowledged (all of the input)
+    requests: int  # PutRecords calls made, including failed ones
+    retried_entries: int  # entries sent again after a failure (per-entry or whole request)
+    throttled_entries: int  # of those failures, how many were throttling
+    seconds: float
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
+def _error_message(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Message", "")).strip()
+
+
+def _http_status(exc: ClientError) -> int:
+    try:
+        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+class KinesisSink:
+    """Puts records into one stream, retrying until all are acknowledged or time runs out."""
+
+    def __init__(
+        self,
+        client: KinesisClient,
+        stream_name: str,
+        *,
+        max_retry_seconds: float = 300.0,
+        base_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not stream_name:
+            raise ConfigError("the Kinesis stream name is empty: pass --stream-name.")
+        self.client = client
+        self.stream_name = stream_name
+        self.max_retry_seconds = max_retry_seconds
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+
+    # -- where we talk to, for messages (never credentials) -----------------
+
+    def _where(self) -> str:
+        meta = getattr(self.client, "meta", None)
+        region = getattr(meta, "region_name", None)
+        endpoint = getattr(meta, "endpoint_url", None)
+        parts = []
+        if region:
+            parts.append(f"region {region}")
+        if endpoint:
+            parts.append(f"endpoint {endpoint}")
+        return ", ".join(parts) or "the configured AWS account"
+
+    # -- stream check --------------------------------------------------------
+
+    def check_stream(self) -> dict[str, Any]:
+        """Fail early with a clear message unless the stream exists and accepts writes.
+
+        Returns the ``StreamDescriptionSummary``.
+        """
+        name = self.stream_name
+        try:
+            summary = self.client.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code == "ResourceNotFoundException":
+                raise SinkError(
+                    f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
+                    f"(aws kinesis create-stream --stream-name {name} --stream-mode-details "
+                    "StreamMode=ON_DEMAND) or fix --stream-name."
+                ) from exc
+            if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedOperation"):
+                raise SinkError(
+                    f"access denied describing Kinesis stream {name!r} in {self._where()}: the AWS "
+                    "identity in use needs kinesis:DescribeStreamSummary and kinesis:PutRecords on "
+                    f"this stream ({code}: {_error_message(exc)})."
+                ) from exc
+            raise SinkError(
+                f"cannot describe Kinesis stream {name!r} in {self._where()}: {code}: "
+                f"{_error_message(exc)}"
+            ) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise SinkError(
+                f"cannot reach Kinesis in {self._where()} to check stream {name!r}: {exc}. Check the "
+                "network, the region and any endpoint override (AWS_ENDPOINT_URL_KINESIS)."
+            ) from exc
+        except BotoCoreError as exc:
+            raise SinkError(self._botocore_message(exc, "check stream")) from exc
+        status = summary.get("StreamStatus")
+        if status not in ("ACTIVE", "UPDATING"):
+            hint = {
+                "CREATING": "it is still being created; wait until it is ACTIVE and run again",
+                "DELETING": "it is being deleted; recreate it or choose another --stream-name",
+            }.get(str(status), "wait until it is ACTIVE")
+            raise SinkError(
+                f"Kinesis stream {name!r} in {self._where()} is {status}, not ACTIVE: {hint}."
+            )
+        return dict(summary)
+
+    def _botocore_message(self, exc: BotoCoreError, action: str) -> str:
+        kind = type(exc).__name__
+        if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return (
+                f"cannot {action} on Kinesis stream {self.stream_name!r}: no usable AWS credentials "
+                f"({kind}). Configure them through the standard chain (environment, "
+                "--aws-profile / AWS_PROFILE, instance or task role)."
+            )
+        return f"cannot {action} on Kinesis stream {self.stream_name!r} in {self._where()}: {kind}: {exc}"
+
+    # -- put -----------------------------------------------------------------
+
+    def put(self, records: Sequence[Record]) -> PutReport:
+        """Send every record; return once Kinesis acknowledged all of them, else raise SinkError."""
+        started = self._clock()
+        # Validate everything before sending anything: a bad record found halfway
+        # would leave a half-sent batch for the next run to resend.
+        for record in records:
+            check_record(record)
+        total = len(records)
+        if total == 0:
+            return PutReport(0, 0, 0, 0, 0.0)
+
+        # Parallel pending lists in input order; entry dicts are built once.
+        pending_records: list[Record] = list(records)
+        pending_entries: list[dict[str, Any]] = [
+            {"Data": r.data, "PartitionKey": r.partition_key} for r in records
+        ]
+        requests = retried = throttled = 0
+        failing_rounds = 0  # consecutive rounds without any acknowledgement
+        last_progress = started
+        last_errors: Counter[str] = Counter()
+
+        while pending_records:
+            chosen = next_request(pending_records)
+            batch = [pending_entries[i] for i in chosen]
+            requests += 1
+            acked: list[int]
+            failure: Counter[str] = Counter()
+            try:
+                response = self.client.put_records(StreamName=self.stream_name, Records=batch)
+            except ClientError as exc:
+                code = _error_code(exc)
+                if not (code in RETRYABLE_REQUEST_CODES or _http_status(exc) >= 500):
+                    raise self._fatal(exc, code, total - len(pending_records), total) from exc
+                acked = []
+                failure[code] = len(chosen)
+            except _TRANSPORT_ERRORS as exc:
+                acked = []
+                failure[type(exc).__name__] = len(chosen)
+            except BotoCoreError as exc:
+                raise SinkError(
+                    self._botocore_message(exc, "put records")
+                    + f" {total - len(pending_records)} of {total} records were acknowledged; the "
+                    "slot was not advanced."
+                ) from exc
+            else:
+                results = response.get("Records", [])
+                if len(results) != len(chosen):
+                    # Cannot tell which entries landed: resend them all (at-least-once).
+                    acked = []
+                    failure["MismatchedResponse"] = len(chosen)
+                else:
+                    acked = []
+                    for i, result in zip(chosen, results, strict=True):
+                        code = result.get("ErrorCode")
+                        if code is None:
+                            acked.append(i)
+                        else:
+                            failure[code] += 1
+                    fatal = KMS_KEY_ERROR_CODES.intersection(failure)
+                    if fatal:
+                        code = min(fatal)
+                        message = next(
+                            (r.get("ErrorMessage", "") for r in results if r.get("ErrorCode") == code), ""
+                        )
+                        raise SinkError(
+                            self._kms_message(code, message)
+                            + self._progress(total - len(pending_records) + len(acked), total)
+                        )
+
+            remove_acknowledged(pending_records, acked)
+            remove_acknowledged(pending_entries, acked)
+            if not failure:
+                failing_rounds = 0
+                last_progress = self._clock()
+                continue
+
+            failed = sum(failure.values())
+            retried += failed
+            throttled += sum(n for c, n in failure.items() if c in THROTTLING_CODES)
+            last_errors = failure
+            now = self._clock()
+            if acked:
+                # Progress (typically partial throttling): short backoff only.
+                last_progress = now
+                failing_rounds = 1
+            else:
+                failing_rounds += 1
+            cap = min(self.max_backoff, self.base_backoff * (2 ** (failing_rounds - 1)))
+            delay = self._rng.uniform(0.0, cap)  # full jitter
+            if now + delay - last_progress > self.max_retry_seconds:
+                raise SinkError(self._exhausted_message(total, len(pending_records), now - started,
+                                                        last_errors))
+            self._sleep(delay)
+
+        return PutReport(
+            records=total,
+            requests=requests,
+            retried_entries=retried,
+            throttled_entries=throttled,
+            seconds=self._clock() - started,
+        )
+
+    # -- messages --------------------------------------------------------------
+
+    @staticmethod
+    def _progress(acknowledged: int, total: int) -> str:
+        return (
+            f" {acknowledged} of {total} records were acknowledged, {total - acknowledged} were not; "
+            "the slot will not be advanced, so the next run sends them again."
+        )
+
+    def _kms_message(self, code: str, detail: str) -> str:
+        return (
+            f"Kinesis stream {self.stream_name!r} in {self._where()} cannot encrypt records with its "
+            f"KMS key ({code}: {detail}). Check that the key exists, is enabled, and that the AWS "
+            "identity in use may kms:GenerateDataKey with it, or change the stream's encryption."
+        )
+
+    def _fatal(self, exc: ClientError, code: str, acknowledged: int, total: int) -> SinkError:
+        name = self.stream_name
+        detail = _error_message(exc)
+        if code == "ResourceNotFoundException":
+            text = (
+                f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
+                f"(aws kinesis create-stream --stream-name {name} ...) or fix --stream-name."
+            )
+        elif code in ("AccessDeniedException", "AccessDenied"):
+            text = (
+                f"access denied writing to Kinesis stream {name!r} in {self._where()}: the AWS "
+                f"identity in use needs kinesis:PutRecords on this stream ({code}: {detail})."
+            )
+        elif code in KMS_KEY_ERROR_CODES:
+            text = self._kms_message(code, detail)
+        elif code in ("ValidationException", "InvalidArgumentException"):
+            text = (
+                f"Kinesis rejected a PutRecords request to stream {name!r} as invalid ({code}: "
+                f"{detail}). This is a bug in batching or record validation; please report it."
+            )
+        else:
+            text = f"Kinesis PutRecords to stream {name!r} in {self._where()} failed: {code}: {detail}."
+        return SinkError(text + self._progress(acknowledged, total))
+
+    def _exhausted_message(self, total: int, unacknowledged: int, elapsed: float,
+                           errors: Counter[str]) -> str:
+        shown = ", ".join(f"{code} x{n}" for code, n in errors.most_common(5))
+        return (
+            f"gave up writing to Kinesis stream {self.stream_name!r} in {self._where()} after "
+            f"{elapsed:.1f}s: no record was acknowledged for {self.max_retry_seconds:g}s "
+            f"(last round's errors: {shown})."
+            + self._progress(total - unacknowledged, total)
+            + " If the errors are throttling, add shards or use on-demand mode."
+        )
