@@ -1,0 +1,42 @@
+# One-word targets. `make demo` and `make test` are the README's quick start.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo dev test lint bench fuzz faults install system-deps clean
+
+# Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
+$(STAMP): pyproject.toml
+	./scripts/install-system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	./scripts/install-system-deps
+
+demo: $(STAMP)
+	$(PY) -m pg2kinesis_dagster.devstack.demo
+
+dev: $(STAMP)
+	$(PY) -m pg2kinesis_dagster.devstack.demo --dev
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_drain.py --changes 200000
+	$(PY) benchmarks/bench_decoder.py
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_decoder_properties.py -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
