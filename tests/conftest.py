@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.fixtures_postgres", "tests.fixtures_kinesis"]
