@@ -16,12 +16,22 @@ import time
 from collections.abc import Sequence
 
 from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.core.decoders import supported_plugins
 from pg2kinesis_dagster.core.errors import Pg2KinesisError
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import BatchResult, ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 log = logging.getLogger("pg2kinesis")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "left empty fall back to libpq's PG* variables (the password: PGPASSWORD or ~/.pgpass), "
             "AWS settings to the standard credential chain."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
     pg.add_argument("--pg-dbname", default=None, help="database (default: PGDATABASE)")
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument(
         "--pg-slot-output-plugin",
         default="test_decoding",
-        choices=["test_decoding"],
+        choices=supported_plugins(),
         help="the slot's output plugin",
     )
     pg.add_argument("--create-slot", action="store_true", help="create the slot if it does not exist")
