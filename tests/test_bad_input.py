@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import psycopg2
@@ -25,20 +26,23 @@ def table_db(pg_database: str, pg_conn) -> str:
 
 def test_wal_level_not_logical(moto_server: MotoServer, kinesis_stream: str) -> None:
     with tempfile.TemporaryDirectory(prefix="pg2k-replica-") as base:
-        import os
-
-        os.chmod(base, 0o755)
-        with PostgresServer(wal_level="replica", base_dir=base) as server:
-            with make_replicator(server, "postgres", moto_server, kinesis_stream) as r, pytest.raises(
+        os.chmod(base, 0o755)  # the server runs as postgres when we are root
+        with (
+            PostgresServer(wal_level="replica", base_dir=base) as server,
+            make_replicator(server, "postgres", moto_server, kinesis_stream) as r,
+            pytest.raises(
                 SourceError, match=r"wal_level is 'replica'.*wal_level = logical.*rds.logical_replication"
-            ):
-                r.prepare()
+            ),
+        ):
+            r.prepare()
 
 
 def test_missing_slot_names_the_fix(pg_server: PostgresServer, table_db: str, moto_server: MotoServer,
                                     kinesis_stream: str) -> None:
-    with make_replicator(pg_server, table_db, moto_server, kinesis_stream, create_slot=False,
-                         slot_name="nope") as r, pytest.raises(SourceError, match=r"'nope' does not exist.*--create-slot"):
+    with (
+        make_replicator(pg_server, table_db, moto_server, kinesis_stream, create_slot=False, slot_name="nope") as r,
+        pytest.raises(SourceError, match=r"'nope' does not exist.*--create-slot"),
+    ):
         r.prepare()
 
 
