@@ -8,13 +8,15 @@ the decoder's ``slot_options``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pg2kinesis_dagster.core.changes import SlotRow, Transaction
+from pg2kinesis_dagster.core.decoders.pgoutput import PgOutputDecoder
 from pg2kinesis_dagster.core.decoders.test_decoding import TestDecodingDecoder
+from pg2kinesis_dagster.core.decoders.wal2json import Wal2JsonDecoder
 from pg2kinesis_dagster.core.errors import ConfigError
 
-__all__ = ["Decoder", "TestDecodingDecoder", "decoder_for", "supported_plugins"]
+__all__ = ["Decoder", "PgOutputDecoder", "TestDecodingDecoder", "Wal2JsonDecoder", "decoder_for", "supported_plugins"]
 
 
 @runtime_checkable
@@ -31,11 +33,12 @@ class Decoder(Protocol):
         ...
 
 
-# Plugin name -> decoder factory. Register new plugins here, e.g.
-#     "wal2json": Wal2JsonDecoder,
-#     "pgoutput": PgOutputDecoder,
-_DECODERS: dict[str, Callable[[], Decoder]] = {
+# Plugin name -> decoder factory, called with decoder_for()'s keyword arguments
+# (wal2json: type_name, columns; pgoutput: publication, type_name, ...).
+_DECODERS: dict[str, Callable[..., Decoder]] = {
     "test_decoding": TestDecodingDecoder,
+    "wal2json": Wal2JsonDecoder,
+    "pgoutput": PgOutputDecoder,
 }
 
 
@@ -43,8 +46,11 @@ def supported_plugins() -> tuple[str, ...]:
     return tuple(sorted(_DECODERS))
 
 
-def decoder_for(plugin: str) -> Decoder:
-    """A fresh decoder for ``plugin``; ConfigError when the plugin is not supported."""
+def decoder_for(plugin: str, **kwargs: Any) -> Decoder:
+    """A fresh decoder for ``plugin``; ConfigError when the plugin is not supported.
+
+    ``kwargs`` go to the decoder's constructor (test_decoding takes none).
+    """
     factory = _DECODERS.get(plugin)
     if factory is None:
         raise ConfigError(
@@ -52,4 +58,4 @@ def decoder_for(plugin: str) -> Decoder:
             f"{', '.join(supported_plugins())}; set --pg-slot-output-plugin to one of them "
             "(and create the slot with that plugin)"
         )
-    return factory()
+    return factory(**kwargs)
