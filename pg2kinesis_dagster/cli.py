@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=supported_plugins(),
         help="the slot's output plugin",
     )
+    pg.add_argument(
+        "--publication",
+        default="pg2kinesis",
+        help="pgoutput only: the publication to replicate (created FOR ALL TABLES with the slot when missing)",
+    )
     pg.add_argument("--create-slot", action="store_true", help="create the slot if it does not exist")
     pg.add_argument(
         "--recreate-slot",
@@ -142,6 +147,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
     replication = ReplicationSettings(
         slot_name=args.pg_slot_name,
         output_plugin=args.pg_slot_output_plugin,
+        publication=args.publication,
         message_formatter=args.message_formatter,
         full_change=args.full_change,
         table_pat=args.table_pat,

@@ -36,6 +36,7 @@ from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
+from pg2kinesis_dagster.postgres.types import decoder_options
 
 DEFAULT_MAX_CHANGES = 20_000
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
@@ -47,6 +48,8 @@ class ReplicationSettings:
 
     slot_name: str = "pg2kinesis"
     output_plugin: str = "test_decoding"
+    # pgoutput only: the publication whose tables are replicated (created with the slot when missing).
+    publication: str = "pg2kinesis"
     message_formatter: str = "CSVPayload"
     full_change: bool = False
     table_pat: str | None = None
@@ -185,9 +188,14 @@ class Replicator:
         self.pg = pg
         self.sink = sink
         self.settings = settings
-        self.decoder = decoder_for(settings.output_plugin)
+        self.decoder = decoder_for(
+            settings.output_plugin, **decoder_options(settings.output_plugin, pg, publication=settings.publication)
+        )
         self.is_commit = _is_commit(settings.output_plugin)
-        self.slot = ReplicationSlot(pg, settings.slot_name, settings.output_plugin)
+        self.slot = ReplicationSlot(
+            pg, settings.slot_name, settings.output_plugin,
+            publication=settings.publication if settings.output_plugin == "pgoutput" else None,
+        )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
         self.builder = RecordBuilder(
             formatter=make_formatter(settings.message_formatter, full_change=settings.full_change),

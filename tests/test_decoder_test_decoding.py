@@ -50,9 +50,9 @@ def test_decoder_for_test_decoding() -> None:
     assert decoder.slot_options == ("include-xids", "1", "include-timestamp", "1", "skip-empty-xacts", "0")
 
 
-@pytest.mark.parametrize("plugin", ["wal2json", "pgoutput", "TEST_DECODING", ""])
+@pytest.mark.parametrize("plugin", ["TEST_DECODING", "", "wal2json2"])
 def test_decoder_for_unknown_plugin(plugin: str) -> None:
-    with pytest.raises(ConfigError, match="supported plugins are test_decoding"):
+    with pytest.raises(ConfigError, match="supported plugins are pgoutput, test_decoding, wal2json"):
         decoder_for(plugin)
 
 

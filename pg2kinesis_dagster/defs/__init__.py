@@ -58,6 +58,7 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         kinesis=kinesis,
         slot_name=env.get("PG2K_SLOT_NAME", "pg2kinesis"),
         output_plugin=env.get("PG2K_OUTPUT_PLUGIN", "test_decoding"),
+        publication=env.get("PG2K_PUBLICATION", "pg2kinesis"),
         message_formatter=env.get("PG2K_MESSAGE_FORMATTER", "CSVPayload"),
         full_change=_flag(env, "PG2K_FULL_CHANGE"),
         table_pat=_opt(env, "PG2K_TABLE_PAT"),

@@ -81,7 +81,8 @@ class ReplicationResource(ConfigurableResource):
     postgres: PostgresResource
     kinesis: KinesisResource
     slot_name: str = "pg2kinesis"
-    output_plugin: str = "test_decoding"
+    output_plugin: str = Field(default="test_decoding", description="test_decoding, wal2json or pgoutput")
+    publication: str = Field(default="pg2kinesis", description="pgoutput only: the publication to replicate")
     message_formatter: str = Field(default="CSVPayload", description="CSV, CSVPayload, JSON or pkg.mod:Class")
     full_change: bool = False
     table_pat: str | None = Field(default=None, description="Regex searched in schema.table: include")
@@ -100,6 +101,7 @@ class ReplicationResource(ConfigurableResource):
         return ReplicationSettings(
             slot_name=self.slot_name,
             output_plugin=self.output_plugin,
+            publication=self.publication,
             message_formatter=self.message_formatter,
             full_change=self.full_change,
             table_pat=self.table_pat,

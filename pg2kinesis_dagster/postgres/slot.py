@@ -23,6 +23,7 @@ from psycopg2 import sql
 from pg2kinesis_dagster.core.changes import SlotRow, format_lsn, parse_lsn
 from pg2kinesis_dagster.core.errors import ConfigError, SourceError
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.postgres.types import ensure_publication
 
 # PostgreSQL's own rule for slot names (ReplicationSlotValidateName).
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -79,10 +80,14 @@ class AdvanceResult:
 class ReplicationSlot:
     """One logical slot in one database, reached through its own connection."""
 
-    def __init__(self, settings: PostgresSettings, slot_name: str, plugin: str) -> None:
+    def __init__(
+        self, settings: PostgresSettings, slot_name: str, plugin: str, *, publication: str | None = None
+    ) -> None:
         self.settings = settings
         self.name = validate_slot_name(slot_name)
         self.plugin = plugin
+        # pgoutput decodes only the tables of this publication; it must exist before the slot's first change.
+        self.publication = publication
         self._conn: psycopg2.extensions.connection | None = None
         self._locked = False
 
@@ -219,6 +224,9 @@ class ReplicationSlot:
             )
 
     def create(self) -> None:
+        if self.publication:
+            # Changes written before the publication exists cannot be decoded by pgoutput, so it comes first.
+            ensure_publication(self.conn, self.publication, "ALL")
         try:
             self._query(
                 "SELECT pg_create_logical_replication_slot(%s, %s)", (self.name, self.plugin)
@@ -372,6 +380,11 @@ class ReplicationSlot:
             fix = (
                 "the role lacks the right: ALTER ROLE <role> REPLICATION "
                 "(on Amazon RDS: GRANT rds_replication TO <role>)"
+            )
+        elif code == "42704" and self.publication and "publication" in message:
+            fix = (
+                f"create the publication first (CREATE PUBLICATION {self.publication} FOR ALL TABLES, or for "
+                "chosen tables), then recreate the slot: pgoutput cannot decode changes made before it existed"
             )
         elif code == "42704":  # undefined_object: slot missing
             fix = "create the slot (--create-slot)"
