@@ -186,3 +186,27 @@ def test_reexecute_from_failure_republishes_same_records_and_never_moves_back(
         records = read_json(moto_server, kinesis_stream)
         # The failed publish sent nothing, so even around the failure there is no duplicate.
         assert len({r["id"] for r in records}) == len(records)
+
+
+def test_slot_lag_check(stack_env: dict[str, str], pg_conn) -> None:
+    from dagster import AssetSelection, materialize
+
+    def evaluate(max_lag: str) -> tuple[bool, int]:
+        defs = build_definitions({**stack_env, "PG2K_MAX_LAG_BYTES": max_lag})
+        (check,) = defs.asset_checks
+        with instance_for_test() as instance:
+            result = materialize([check], resources={"replication": defs.resources["replication"]},
+                                 instance=instance, raise_on_error=False,
+                                 selection=AssetSelection.all_asset_checks())
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation.passed, evaluation.metadata["lag_bytes"].value
+
+    defs = build_definitions(stack_env)
+    with instance_for_test() as instance:  # creates the slot
+        assert defs.get_job_def("replicate").execute_in_process(instance=instance, run_config=QUIET).success
+    run_sample_workload(pg_conn, transactions=50, seed=1)
+    passed, lag = evaluate("0")
+    assert not passed and lag > 0
+    passed, _ = evaluate(str(1024**3))
+    assert passed

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dagster import Definitions, EnvVar
 
 from pg2kinesis_dagster import pipeline
-from pg2kinesis_dagster.defs.assets import primary_key_metadata, replication_checkpoint
+from pg2kinesis_dagster.defs.assets import build_lag_check, primary_key_metadata, replication_checkpoint
 from pg2kinesis_dagster.defs.automation import build_schedule, build_sensor
 from pg2kinesis_dagster.defs.jobs import build_replicate_job
 from pg2kinesis_dagster.defs.resources import (
@@ -79,6 +79,7 @@ def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
     job = build_replicate_job(slot_name)
     return Definitions(
         assets=[replication_checkpoint, primary_key_metadata],
+        asset_checks=[build_lag_check(int(env.get("PG2K_MAX_LAG_BYTES", str(1024**3))))],
         jobs=[job],
         sensors=[
             build_sensor(

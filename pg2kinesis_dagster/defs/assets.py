@@ -2,11 +2,22 @@
 
 
 import pandas as pd
-from dagster import AssetExecutionContext, AssetSpec, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
 
 from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET
-from pg2kinesis_dagster.defs.resources import PostgresResource
+from pg2kinesis_dagster.defs.resources import PostgresResource, ReplicationResource
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
+from pg2kinesis_dagster.postgres.slot import ReplicationSlot
 
 replication_checkpoint = AssetSpec(
     CHECKPOINT_ASSET,
@@ -53,3 +64,34 @@ def primary_key_metadata(context: AssetExecutionContext, postgres: PostgresResou
             "preview": MetadataValue.md(preview.head(50).to_markdown(index=False) if len(frame) else "none"),
         },
     )
+
+
+def build_lag_check(max_lag_bytes: int) -> AssetChecksDefinition:
+    @asset_check(
+        asset=CHECKPOINT_ASSET,
+        name="slot_lag_within_limit",
+        description=(
+            "Fails (warning) when the slot holds more than the allowed WAL: PostgreSQL keeps all of it on disk "
+            "until the slot is advanced, so a stalled replication fills the server's disk."
+        ),
+    )
+    def slot_lag_within_limit(replication: ReplicationResource) -> AssetCheckResult:
+        with ReplicationSlot(
+            replication.postgres.settings(), replication.slot_name, replication.output_plugin
+        ) as slot:
+            state = slot.state()
+            lag = slot.lag_bytes() if state is not None else None
+        if state is None:
+            return AssetCheckResult(
+                passed=False,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={"slot": replication.slot_name, "problem": "the replication slot does not exist"},
+            )
+        return AssetCheckResult(
+            passed=lag is not None and lag <= max_lag_bytes,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"slot": replication.slot_name, "lag_bytes": lag if lag is not None else -1,
+                      "max_lag_bytes": max_lag_bytes},
+        )
+
+    return slot_lag_within_limit
