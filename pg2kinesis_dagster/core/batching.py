@@ -22,8 +22,20 @@ MAX_REQUEST_BYTES = 5 * 1024 * 1024  # data + UTF-8 partition keys of every entr
 MAX_RECORD_BYTES = 1024 * 1024  # data + UTF-8 partition key of one entry
 MIN_PARTITION_KEY_CHARS = 1
 MAX_PARTITION_KEY_CHARS = 256  # Unicode characters, not bytes
+MAX_HASH_KEY_EXCLUSIVE = 2**128  # partition key hashes (MD5) and explicit hash keys are 128-bit
 
 _T = TypeVar("_T")
+
+
+class OrderingKeys(frozenset[Hashable]):
+    """Several ordering keys of one record, e.g. an aggregate holding changes of many rows.
+
+    :func:`next_request` treats a record with ``OrderingKeys`` as if it had each
+    of them: it waits for any earlier pending record sharing one, and blocks
+    every later record sharing one.
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,10 @@ class Record:
     ordering_key: Hashable
     # The change's stable id, only used in messages.
     record_id: str
+    # Overrides the partition key's hash to pick the shard (aggregated records
+    # pin their shard with it). Not counted in ``size``: Kinesis's 1 MiB limit
+    # is data plus partition key only (PutRecordsRequestEntry docs).
+    explicit_hash_key: str | None = None
     # Bytes counted by Kinesis's limits; computed once because planning reads it
     # on every scan.
     size: int = field(init=False, repr=False, compare=False)
@@ -45,6 +61,13 @@ class Record:
         key = self.partition_key
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
         object.__setattr__(self, "size", len(self.data) + key_bytes)
+
+
+def _valid_hash_key(text: str) -> bool:
+    # Kinesis's pattern 0|([1-9]\d{0,38}), and the value must fit in 128 bits.
+    if not (0 < len(text) <= 39 and text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0"):
+        return False
+    return int(text) < MAX_HASH_KEY_EXCLUSIVE
 
 
 def check_record(record: Record) -> None:
@@ -56,6 +79,12 @@ def check_record(record: Record) -> None:
             f"record {record.record_id}: partition key {shown!r} has {key_chars} characters; Kinesis "
             f"requires {MIN_PARTITION_KEY_CHARS} to {MAX_PARTITION_KEY_CHARS}. Choose partition key "
             "columns whose values are non-empty and short, or a partition key mode that hashes them."
+        )
+    hash_key = record.explicit_hash_key
+    if hash_key is not None and not _valid_hash_key(hash_key):
+        raise SinkError(
+            f"record {record.record_id}: explicit hash key {hash_key[:50]!r} is not a decimal integer "
+            f"from 0 to 2**128 - 1, which Kinesis requires."
         )
     if record.size > MAX_RECORD_BYTES:
         raise RecordTooLargeError(
@@ -70,7 +99,8 @@ def next_request(pending: Sequence[Record]) -> list[int]:
     """Indexes (ascending) of the ``pending`` records to send in the next PutRecords call.
 
     ``pending`` holds the unacknowledged records in input order. A record is
-    chosen only if no earlier pending record has the same ordering key, so a
+    chosen only if no earlier pending record has the same ordering key (or
+    shares one of its :class:`OrderingKeys`), so a
     request never holds two changes of one row, and never a change whose
     predecessor is still unacknowledged. Records are assumed to pass
     :func:`check_record`; the first pending record is then always chosen, so
@@ -82,10 +112,17 @@ def next_request(pending: Sequence[Record]) -> list[int]:
     total = 0
     for index, record in enumerate(pending):
         key = record.ordering_key
-        if key in blocked:
-            continue
-        # Whether or not it fits, later records of this key must wait for it.
-        blocked.add(key)
+        if type(key) is OrderingKeys:
+            # Several keys: wait if any is blocked; either way block them all.
+            waits = not blocked.isdisjoint(key)
+            blocked.update(key)
+            if waits:
+                continue
+        else:
+            if key in blocked:
+                continue
+            # Whether or not it fits, later records of this key must wait for it.
+            blocked.add(key)
         size = record.size
         if total + size > MAX_REQUEST_BYTES:
             # Request full by bytes: stop instead of hunting for smaller records

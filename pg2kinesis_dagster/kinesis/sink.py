@@ -7,6 +7,10 @@ returns, so ``put`` either gets every record acknowledged by Kinesis or raises
 change of a row while an earlier one is unacknowledged, so each row's changes
 reach the stream in commit order (at-least-once: a record may be written twice
 if an acknowledgement is lost, never reordered per row).
+
+With ``aggregate=True`` the records are first packed into KPL-aggregated
+records, one shard's changes per aggregate (:mod:`.aggregation`); the same
+rules then apply to the aggregates, which keeps each row's order too.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -36,6 +40,13 @@ from pg2kinesis_dagster.core.batching import (
     remove_acknowledged,
 )
 from pg2kinesis_dagster.core.errors import ConfigError, SinkError
+from pg2kinesis_dagster.kinesis.aggregation import (
+    AggregatedRecord,
+    ShardMap,
+    ShardMapError,
+    record_hash_key,
+)
+from pg2kinesis_dagster.kinesis.aggregation import aggregate as aggregate_records
 
 # botocore builds client classes at runtime; there is no importable type.
 KinesisClient = Any
@@ -77,6 +88,9 @@ THROTTLING_CODES = frozenset(
 # Transport failures: the request may or may not have been applied; resending is
 # safe under at-least-once.
 _TRANSPORT_ERRORS = (HTTPClientError, BotoConnectionError)
+# Shard map reloads within one put (aggregation) before giving up: each follows a
+# resharding seen in PutRecords' answers, so more means the stream keeps changing.
+MAX_SHARD_MAP_RELOADS = 10
 
 
 def make_kinesis_client(
@@ -133,11 +147,36 @@ def make_kinesis_client(
 class PutReport:
     """What one :meth:`KinesisSink.put` call did."""
 
-    records: int  # records acknowledged (all of the input)
+    records: int  # Kinesis records written (the input's records, or the aggregates carrying them)
     requests: int  # PutRecords calls made, including failed ones
     retried_entries: int  # entries sent again after a failure (per-entry or whole request)
     throttled_entries: int  # of those failures, how many were throttling
     seconds: float
+    # Changes (input records) carried, all acknowledged; equals ``records``
+    # without aggregation, which the default (-1) stands for.
+    user_records: int = -1
+
+    def __post_init__(self) -> None:
+        if self.user_records < 0:
+            self.user_records = self.records
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Counters and retry state of one put, shared by its ListShards and PutRecords calls."""
+
+    total: int  # changes to acknowledge
+    last_progress: float  # clock time of the last acknowledgement (or the start)
+    started: float = field(init=False)
+    acknowledged: int = 0  # changes acknowledged so far
+    requests: int = 0
+    retried: int = 0
+    throttled: int = 0
+    failing_rounds: int = 0  # consecutive rounds without any acknowledgement
+    last_errors: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.started = self.last_progress
 
 
 def _error_code(exc: ClientError) -> str:
@@ -169,6 +208,7 @@ class KinesisSink:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        aggregate: bool = False,
     ) -> None:
         if not stream_name:
             raise ConfigError("the Kinesis stream name is empty: pass --stream-name.")
@@ -180,6 +220,8 @@ class KinesisSink:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        # KPL-aggregate records (many changes per Kinesis record); needs kinesis:ListShards.
+        self.aggregate = aggregate
 
     # -- where we talk to, for messages (never credentials) -----------------
 
@@ -253,7 +295,11 @@ class KinesisSink:
     # -- put -----------------------------------------------------------------
 
     def put(self, records: Sequence[Record]) -> PutReport:
-        """Send every record; return once Kinesis acknowledged all of them, else raise SinkError."""
+        """Send every record; return once Kinesis acknowledged all of them, else raise SinkError.
+
+        With ``aggregate=True`` the records are packed into KPL-aggregated
+        records first (one shard per aggregate, see :mod:`.aggregation`).
+        """
         started = self._clock()
         # Validate everything before sending anything: a bad record found halfway
         # would leave a half-sent batch for the next run to resend.
@@ -262,21 +308,109 @@ class KinesisSink:
         total = len(records)
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
+        progress = _Progress(total=total, last_progress=started)
+        if self.aggregate:
+            kinesis_records = self._put_aggregated(records, progress)
+        else:
+            self._send(list(records), progress, aggregated=False)
+            kinesis_records = total
+        return PutReport(
+            records=kinesis_records,
+            requests=progress.requests,
+            retried_entries=progress.retried,
+            throttled_entries=progress.throttled,
+            seconds=self._clock() - started,
+            user_records=total,
+        )
 
+    def _put_aggregated(self, records: Sequence[Record], progress: _Progress) -> int:
+        """Aggregate and send ``records``; returns the number of Kinesis records written."""
+        shard_map = self._load_shard_map(progress)
+        to_send: Sequence[Record] = records
+        written = 0
+        remaps = 0
+        while True:
+            pending: list[Record] = list(aggregate_records(to_send, shard_map))
+            count = len(pending)
+            misrouted = self._send(pending, progress, aggregated=True)
+            written += count - len(pending)
+            if not misrouted:
+                return written
+            # Kinesis put an aggregate on another shard than the map said: the
+            # stream was resharded since ListShards. Consumers (the KCL) drop the
+            # changes of an aggregate whose hash is outside the shard they read it
+            # from, so those changes are sent again with a fresh map, together with
+            # everything still pending (all aggregated with the stale map).
+            remaps += 1
+            if remaps > MAX_SHARD_MAP_RELOADS:
+                raise SinkError(
+                    f"the shards of Kinesis stream {self.stream_name!r} in {self._where()} kept changing "
+                    f"while records were aggregated for them ({MAX_SHARD_MAP_RELOADS} reloads of the "
+                    "shard map); wait until resharding is over, or turn aggregation off."
+                    + self._progress(progress.acknowledged, progress.total)
+                )
+            cap = min(self.max_backoff, self.base_backoff * (2 ** (remaps - 1)))
+            self._sleep(self._rng.uniform(0.0, cap))  # let ListShards catch up with the change
+            shard_map = self._load_shard_map(progress)
+            again: list[Record] = []
+            for sent, landed in misrouted:
+                shard = shard_map.get(landed)
+                stray = [
+                    u for u in sent.user_records if shard is None or not shard.covers(record_hash_key(u))
+                ]
+                progress.acknowledged -= len(stray)
+                again.extend(stray)
+            for unsent in pending:
+                again.extend(unsent.user_records)  # type: ignore[attr-defined]
+            # Back to input order, which aggregate() needs to keep each row's order.
+            position = {id(r): i for i, r in enumerate(records)}
+            again.sort(key=lambda r: position[id(r)])
+            to_send = again
+
+    def _load_shard_map(self, progress: _Progress) -> ShardMap:
+        """ListShards, retried like PutRecords while the errors are transient."""
+        while True:
+            failure: str
+            try:
+                return ShardMap.load(self.client, self.stream_name)
+            except ClientError as exc:
+                code = _error_code(exc)
+                if not (code in RETRYABLE_REQUEST_CODES or _http_status(exc) >= 500):
+                    raise self._list_shards_fatal(exc, code, progress) from exc
+                failure = code
+            except ShardMapError:
+                failure = "IncompleteShardMap"  # listing taken mid-resharding: list again
+            except _TRANSPORT_ERRORS as exc:
+                failure = type(exc).__name__
+            except BotoCoreError as exc:
+                raise SinkError(
+                    self._botocore_message(exc, "list shards")
+                    + self._progress(progress.acknowledged, progress.total)
+                ) from exc
+            self._back_off(progress, Counter({failure: 1}), made_progress=False)
+
+    def _send(
+        self, pending_records: list[Record], progress: _Progress, *, aggregated: bool
+    ) -> list[tuple[AggregatedRecord, str]]:
+        """Send ``pending_records`` until all are acknowledged (the list is emptied in place).
+
+        With ``aggregated``, returns early with the acknowledged aggregates that
+        landed on another shard than their own (``(record, shard id)``), leaving
+        the unsent ones in ``pending_records``.
+        """
         # Parallel pending lists in input order; entry dicts are built once.
-        pending_records: list[Record] = list(records)
         pending_entries: list[dict[str, Any]] = [
-            {"Data": r.data, "PartitionKey": r.partition_key} for r in records
+            {"Data": r.data, "PartitionKey": r.partition_key}
+            if r.explicit_hash_key is None
+            else {"Data": r.data, "PartitionKey": r.partition_key, "ExplicitHashKey": r.explicit_hash_key}
+            for r in pending_records
         ]
-        requests = retried = throttled = 0
-        failing_rounds = 0  # consecutive rounds without any acknowledgement
-        last_progress = started
-        last_errors: Counter[str] = Counter()
+        misrouted: list[tuple[AggregatedRecord, str]] = []
 
         while pending_records:
             chosen = next_request(pending_records)
             batch = [pending_entries[i] for i in chosen]
-            requests += 1
+            progress.requests += 1
             acked: list[int]
             failure: Counter[str] = Counter()
             try:
@@ -284,7 +418,7 @@ class KinesisSink:
             except ClientError as exc:
                 code = _error_code(exc)
                 if not (code in RETRYABLE_REQUEST_CODES or _http_status(exc) >= 500):
-                    raise self._fatal(exc, code, total - len(pending_records), total) from exc
+                    raise self._fatal(exc, code, progress.acknowledged, progress.total) from exc
                 acked = []
                 failure[code] = len(chosen)
             except _TRANSPORT_ERRORS as exc:
@@ -293,7 +427,7 @@ class KinesisSink:
             except BotoCoreError as exc:
                 raise SinkError(
                     self._botocore_message(exc, "put records")
-                    + f" {total - len(pending_records)} of {total} records were acknowledged; the "
+                    + f" {progress.acknowledged} of {progress.total} records were acknowledged; the "
                     "slot was not advanced."
                 ) from exc
             else:
@@ -308,6 +442,11 @@ class KinesisSink:
                         code = result.get("ErrorCode")
                         if code is None:
                             acked.append(i)
+                            if aggregated:
+                                sent: AggregatedRecord = pending_records[i]  # type: ignore[assignment]
+                                landed = result.get("ShardId")
+                                if landed and landed != sent.shard_id:
+                                    misrouted.append((sent, str(landed)))
                         else:
                             failure[code] += 1
                     fatal = KMS_KEY_ERROR_CODES.intersection(failure)
@@ -316,43 +455,50 @@ class KinesisSink:
                         message = next(
                             (r.get("ErrorMessage", "") for r in results if r.get("ErrorCode") == code), ""
                         )
-                        raise SinkError(
-                            self._kms_message(code, message)
-                            + self._progress(total - len(pending_records) + len(acked), total)
-                        )
+                        done = progress.acknowledged + self._weight(pending_records, acked, aggregated)
+                        raise SinkError(self._kms_message(code, message) + self._progress(done, progress.total))
 
+            progress.acknowledged += self._weight(pending_records, acked, aggregated)
             remove_acknowledged(pending_records, acked)
             remove_acknowledged(pending_entries, acked)
             if not failure:
-                failing_rounds = 0
-                last_progress = self._clock()
-                continue
-
-            failed = sum(failure.values())
-            retried += failed
-            throttled += sum(n for c, n in failure.items() if c in THROTTLING_CODES)
-            last_errors = failure
-            now = self._clock()
-            if acked:
-                # Progress (typically partial throttling): short backoff only.
-                last_progress = now
-                failing_rounds = 1
+                progress.failing_rounds = 0
+                progress.last_progress = self._clock()
             else:
-                failing_rounds += 1
-            cap = min(self.max_backoff, self.base_backoff * (2 ** (failing_rounds - 1)))
-            delay = self._rng.uniform(0.0, cap)  # full jitter
-            if now + delay - last_progress > self.max_retry_seconds:
-                raise SinkError(self._exhausted_message(total, len(pending_records), now - started,
-                                                        last_errors))
-            self._sleep(delay)
+                progress.retried += sum(failure.values())
+                progress.throttled += sum(n for c, n in failure.items() if c in THROTTLING_CODES)
+                self._back_off(progress, failure, made_progress=bool(acked))
+            if misrouted:
+                return misrouted
+        return misrouted
 
-        return PutReport(
-            records=total,
-            requests=requests,
-            retried_entries=retried,
-            throttled_entries=throttled,
-            seconds=self._clock() - started,
-        )
+    @staticmethod
+    def _weight(pending_records: list[Record], acked: list[int], aggregated: bool) -> int:
+        """Changes carried by the ``acked`` entries (one each unless aggregated)."""
+        if not aggregated:
+            return len(acked)
+        return sum(len(pending_records[i].user_records) for i in acked)  # type: ignore[attr-defined]
+
+    def _back_off(self, progress: _Progress, failure: Counter[str], *, made_progress: bool) -> None:
+        """Sleep after a round with failures; raise once nothing was acknowledged for too long."""
+        progress.last_errors = failure
+        now = self._clock()
+        if made_progress:
+            # Progress (typically partial throttling): short backoff only.
+            progress.last_progress = now
+            progress.failing_rounds = 1
+        else:
+            progress.failing_rounds += 1
+        cap = min(self.max_backoff, self.base_backoff * (2 ** (progress.failing_rounds - 1)))
+        delay = self._rng.uniform(0.0, cap)  # full jitter
+        if now + delay - progress.last_progress > self.max_retry_seconds:
+            raise SinkError(
+                self._exhausted_message(
+                    progress.total, progress.total - progress.acknowledged, now - progress.started,
+                    progress.last_errors,
+                )
+            )
+        self._sleep(delay)
 
     # -- messages --------------------------------------------------------------
 
@@ -393,6 +539,23 @@ class KinesisSink:
         else:
             text = f"Kinesis PutRecords to stream {name!r} in {self._where()} failed: {code}: {detail}."
         return SinkError(text + self._progress(acknowledged, total))
+
+    def _list_shards_fatal(self, exc: ClientError, code: str, progress: _Progress) -> SinkError:
+        name = self.stream_name
+        detail = _error_message(exc)
+        if code == "ResourceNotFoundException":
+            text = (
+                f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
+                f"(aws kinesis create-stream --stream-name {name} ...) or fix --stream-name."
+            )
+        elif code in ("AccessDeniedException", "AccessDenied"):
+            text = (
+                f"access denied listing the shards of Kinesis stream {name!r} in {self._where()}: record "
+                f"aggregation needs kinesis:ListShards on this stream ({code}: {detail})."
+            )
+        else:
+            text = f"Kinesis ListShards of stream {name!r} in {self._where()} failed: {code}: {detail}."
+        return SinkError(text + self._progress(progress.acknowledged, progress.total))
 
     def _exhausted_message(self, total: int, unacknowledged: int, elapsed: float,
                            errors: Counter[str]) -> str:

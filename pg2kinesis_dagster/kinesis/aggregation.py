@@ -1,0 +1,311 @@
+"""KPL record aggregation: many changes per Kinesis record, each row's order kept.
+
+Kinesis bills and throttles per record (1,000 records/s per shard), so packing
+changes into KPL-aggregated records (the format of the Kinesis Producer
+Library, read back by the KCL or the ``aws-kinesis-agg`` deaggregator) cuts
+records by orders of magnitude. The encoding is ``aws_kinesis_agg``'s; this
+module decides what goes together:
+
+* Only changes bound for the same shard share an aggregate, so every change
+  still lands on the shard its own partition key maps to. (The KCL drops
+  deaggregated changes whose hash falls outside the shard they were read
+  from.) An aggregate pins its shard with ``ExplicitHashKey``.
+* An aggregate's ordering key is its shard, so the planner sends at most one
+  aggregate per shard per request and a shard's next aggregate only after the
+  previous one is acknowledged: the shard receives its changes in input order.
+* When a row's changes go to different shards (partition by transaction id),
+  the aggregates holding them also share the row's key, so the later one waits
+  for the earlier one exactly as single records do.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import sys
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pg2kinesis_dagster.core.batching import (
+    MAX_HASH_KEY_EXCLUSIVE,
+    MAX_RECORD_BYTES,
+    OrderingKeys,
+    Record,
+)
+from pg2kinesis_dagster.core.errors import RecordTooLargeError, SinkError
+
+# aws_kinesis_agg.aggregator puts its own directory and site-packages at the front
+# of sys.path (so its generated protobuf modules can import each other by bare
+# name); undo that so it cannot shadow other modules, the standard library's too.
+_saved_path = list(sys.path)
+try:
+    from aws_kinesis_agg.aggregator import AggRecord
+finally:
+    sys.path[:] = _saved_path
+    del _saved_path
+
+# botocore builds client classes at runtime; there is no importable type.
+KinesisClient = Any
+
+
+class ShardMapError(SinkError):
+    """ListShards returned open shards that do not cover the hash key space exactly once."""
+
+
+def partition_key_hash(partition_key: str) -> int:
+    """The 128-bit hash Kinesis routes a partition key by: MD5 of its UTF-8 bytes, big-endian."""
+    return int.from_bytes(hashlib.md5(partition_key.encode("utf-8")).digest(), "big")
+
+
+def record_hash_key(record: Record) -> int:
+    """The hash key Kinesis routes ``record`` by: its explicit hash key, else its partition key's hash."""
+    if record.explicit_hash_key is not None:
+        return int(record.explicit_hash_key)
+    return partition_key_hash(record.partition_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """An open shard and its hash key range (both ends inclusive, as Kinesis reports them)."""
+
+    shard_id: str
+    starting_hash_key: int
+    ending_hash_key: int
+
+    def covers(self, hash_key: int) -> bool:
+        return self.starting_hash_key <= hash_key <= self.ending_hash_key
+
+
+class ShardMap:
+    """Which open shard each hash key goes to, as of one ListShards listing."""
+
+    __slots__ = ("_by_id", "_shards", "_starts")
+
+    def __init__(self, shards: Iterable[Shard]) -> None:
+        ordered = sorted(shards, key=lambda s: s.starting_hash_key)
+        # Open shards tile [0, 2**128 - 1]; anything else is a listing taken
+        # mid-resharding, where routing cannot be predicted.
+        expected = 0
+        for shard in ordered:
+            if shard.starting_hash_key != expected or shard.ending_hash_key < shard.starting_hash_key:
+                raise ShardMapError(
+                    f"the open shards do not cover the hash key space exactly once (at shard "
+                    f"{shard.shard_id}, starting hash key {shard.starting_hash_key}, expected {expected}); "
+                    "the stream is probably being resharded."
+                )
+            expected = shard.ending_hash_key + 1
+        if expected != MAX_HASH_KEY_EXCLUSIVE:
+            raise ShardMapError(
+                f"the open shards cover hash keys up to {expected - 1}, not up to 2**128 - 1; the stream "
+                "is probably being resharded."
+            )
+        self._shards = tuple(ordered)
+        self._starts = [s.starting_hash_key for s in ordered]
+        self._by_id = {s.shard_id: s for s in ordered}
+
+    @classmethod
+    def from_list_shards(cls, shards: Iterable[dict[str, Any]]) -> ShardMap:
+        """From ListShards' ``Shards`` items; closed shards (with an EndingSequenceNumber) are skipped."""
+        return cls(
+            Shard(
+                shard_id=item["ShardId"],
+                starting_hash_key=int(item["HashKeyRange"]["StartingHashKey"]),
+                ending_hash_key=int(item["HashKeyRange"]["EndingHashKey"]),
+            )
+            for item in shards
+            if "EndingSequenceNumber" not in item.get("SequenceNumberRange", {})
+        )
+
+    @classmethod
+    def load(cls, client: KinesisClient, stream_name: str) -> ShardMap:
+        """List the stream's shards (every page); botocore errors propagate to the caller."""
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"StreamName": stream_name}
+        while True:
+            page = client.list_shards(**kwargs)
+            items.extend(page.get("Shards", []))
+            token = page.get("NextToken")
+            if not token:
+                break
+            kwargs = {"NextToken": token}  # Kinesis rejects StreamName together with NextToken
+        return cls.from_list_shards(items)
+
+    @property
+    def shards(self) -> tuple[Shard, ...]:
+        return self._shards
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShardMap) and self._shards == other._shards
+
+    def __hash__(self) -> int:
+        return hash(self._shards)
+
+    def __repr__(self) -> str:
+        return f"ShardMap({[s.shard_id for s in self._shards]})"
+
+    def get(self, shard_id: str) -> Shard | None:
+        return self._by_id.get(shard_id)
+
+    def shard_for_hash(self, hash_key: int) -> Shard:
+        if not 0 <= hash_key < MAX_HASH_KEY_EXCLUSIVE:
+            raise ValueError(f"hash key {hash_key} is outside 0 .. 2**128 - 1")
+        return self._shards[bisect.bisect_right(self._starts, hash_key) - 1]
+
+    def shard_for(self, partition_key: str, explicit_hash_key: str | None = None) -> Shard:
+        """The shard Kinesis puts a record with this partition key (or explicit hash key) on."""
+        if explicit_hash_key is not None:
+            return self.shard_for_hash(int(explicit_hash_key))
+        return self.shard_for_hash(partition_key_hash(partition_key))
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatedRecord(Record):
+    """A Kinesis record carrying ``user_records`` for shard ``shard_id``.
+
+    ``data`` is KPL-aggregated, or, when ``aggregated`` is false, the single user
+    record's own data (a change too large to fit in an aggregate's envelope is
+    sent as is; deaggregators pass non-aggregated records through).
+    """
+
+    user_records: tuple[Record, ...] = ()
+    shard_id: str = ""
+    aggregated: bool = True
+
+
+class _Builder:
+    """The aggregate being filled for one shard."""
+
+    __slots__ = ("agg", "closed", "first", "partition_key", "records", "row_keys", "shard")
+
+    def __init__(self, shard: Shard, first: Record, max_bytes: int) -> None:
+        self.shard = shard
+        self.partition_key = first.partition_key
+        # Kinesis counts the outer partition key against the record limit too;
+        # AggRecord only counts its serialised bytes, so give it the rest.
+        self.agg: AggRecord | None = AggRecord(max_bytes - len(first.partition_key.encode("utf-8")))
+        self.first = first
+        self.records: list[Record] = []
+        # Rows that also have changes in another shard's aggregates.
+        self.row_keys: set[Hashable] = set()
+        self.closed = False
+        if not self.add(first):
+            self.agg = None  # does not fit in an envelope: sent as a plain record
+            self.records.append(first)
+            self.closed = True
+
+    def add(self, record: Record) -> bool:
+        """Add ``record`` if the aggregate stays within the limit; False if it is full."""
+        if self.agg is None or self.closed:
+            return False
+        # Keys as bytes: AggRecord then counts repeated keys exactly (with str it
+        # re-counts every key as new) and the protobuf takes UTF-8 bytes as is.
+        hash_key = record.explicit_hash_key
+        try:
+            added = self.agg.add_user_record(
+                record.partition_key.encode("utf-8"),
+                record.data,
+                hash_key.encode("ascii") if hash_key is not None else None,
+            )
+        except ValueError:  # too large for any aggregate of this envelope
+            return False
+        if added:
+            self.records.append(record)
+        return bool(added)
+
+    def build(self) -> AggregatedRecord:
+        records = self.records
+        first, last = records[0], records[-1]
+        shard_key = ("shard", self.shard.shard_id)
+        ordering_key: Hashable = (
+            OrderingKeys([shard_key, *(("row", k) for k in self.row_keys)]) if self.row_keys else shard_key
+        )
+        if self.agg is None:
+            data, record_id = first.data, first.record_id
+        else:
+            data = self.agg.get_contents()[2]
+            record_id = first.record_id if len(records) == 1 else (
+                f"{first.record_id}..{last.record_id} ({len(records)} changes)"
+            )
+        return AggregatedRecord(
+            data=data,
+            partition_key=self.partition_key,
+            ordering_key=ordering_key,
+            record_id=record_id,
+            # The shard's first hash key routes the aggregate to that shard, whatever
+            # its partition key, which is only the first change's.
+            explicit_hash_key=str(self.shard.starting_hash_key),
+            user_records=tuple(records),
+            shard_id=self.shard.shard_id,
+            aggregated=self.agg is not None,
+        )
+
+
+def aggregate(
+    records: Sequence[Record], shard_map: ShardMap, max_bytes: int = MAX_RECORD_BYTES
+) -> list[AggregatedRecord]:
+    """Pack ``records`` (in input order) into aggregated records, per shard of ``shard_map``.
+
+    Each shard's changes are appended to its open aggregate until the next one
+    would take the aggregated record (KPL bytes plus its partition key) over
+    ``max_bytes``. The result is ordered so that :func:`~pg2kinesis_dagster.core.batching.next_request`
+    keeps every row's changes in input order. Raises :class:`RecordTooLargeError`
+    naming the change if one exceeds ``max_bytes`` even as a plain record.
+    """
+    out: list[_Builder] = []  # closed aggregates, in closing order
+    open_by_shard: dict[str, _Builder] = {}
+    last_builder: dict[Hashable, _Builder] = {}  # where each row's latest change went
+    shard_of_key: dict[str, Shard] = {}  # hot keys repeat: hash each once
+
+    def close(builder: _Builder) -> None:
+        builder.closed = True
+        del open_by_shard[builder.shard.shard_id]
+        out.append(builder)
+
+    for record in records:
+        if record.size > max_bytes:
+            raise RecordTooLargeError(
+                f"record {record.record_id} is {record.size} bytes (data plus partition key); Kinesis "
+                f"accepts at most {max_bytes} bytes per record. Nothing was sent and the slot was not "
+                "advanced. Exclude or trim the large column(s) for this table, or choose a more compact "
+                "output format."
+            )
+        pk = record.partition_key
+        if record.explicit_hash_key is not None:
+            shard = shard_map.shard_for(pk, record.explicit_hash_key)
+        elif pk in shard_of_key:
+            shard = shard_of_key[pk]
+        else:
+            shard = shard_of_key[pk] = shard_map.shard_for(pk)
+        key = record.ordering_key
+        previous = last_builder.get(key)
+        crosses = previous is not None and previous.shard.shard_id != shard.shard_id
+        if crosses:
+            assert previous is not None
+            # The aggregate taking this change must wait for the one holding the
+            # row's previous change: close that one now, so it comes first in the
+            # output and no later change can make the two wait for each other.
+            if not previous.closed:
+                close(previous)
+            previous.row_keys.add(key)
+
+        builder = open_by_shard.get(shard.shard_id)
+        if builder is None or not builder.add(record):
+            if builder is not None:
+                close(builder)
+            builder = _Builder(shard, record, max_bytes)
+            if builder.closed:  # a plain record: nothing else goes with it
+                out.append(builder)
+            else:
+                open_by_shard[shard.shard_id] = builder
+        if crosses:
+            builder.row_keys.add(key)
+        last_builder[key] = builder
+
+    # What is still open depends only on closed aggregates: any order is safe;
+    # first-change order keeps the output close to the input.
+    out.extend(open_by_shard.values())
+    return [b.build() for b in out]
