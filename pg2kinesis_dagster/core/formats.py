@@ -1,7 +1,8 @@
 """Message formats: a change in, the bytes of one Kinesis record out.
 
 ``CSV`` and ``CSVPayload`` reproduce pg2kinesis's formats so that its consumers keep
-working; ``JSON`` carries the whole change. A custom formatter is any class with a
+working; ``JSON`` carries the whole change, values as PostgreSQL's text or, with
+``typed=True``, as typed JSON values (:mod:`pg2kinesis_dagster.core.typed`). A custom formatter is any class with a
 ``format(change) -> bytes | str`` method, named by import path ``package.module:Class``.
 """
 
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from pg2kinesis_dagster.core.changes import Change, Column, format_lsn
 from pg2kinesis_dagster.core.errors import ConfigError
+from pg2kinesis_dagster.core.typed import BYTEA_MODES, Converter, convert_or_text, converter_for
 
 # pg2kinesis's record prefix: format version and record type.
 _PREFIX = "0,CDC,"
@@ -81,12 +83,29 @@ class CSVPayloadFormatter:
 
 
 class JSONFormatter:
-    """One JSON object per change; see the README's "JSON format" for every field."""
+    """One JSON object per change; see the README's "JSON format" for every field.
 
-    def __init__(self, full_change: bool = True) -> None:
+    ``typed``: ``after``/``before``/``pk`` values become typed JSON values (numbers, booleans,
+    parsed json, arrays; bytea as ``bytea``: base64 or hex digits) wherever that is lossless;
+    otherwise, and by default, they keep PostgreSQL's text form.
+    """
+
+    def __init__(self, full_change: bool = True, *, typed: bool = False, bytea: str = "base64") -> None:
+        if bytea not in BYTEA_MODES:
+            raise ConfigError(f"unknown bytea encoding {bytea!r}: use one of {', '.join(BYTEA_MODES)}")
         self.full_change = full_change
+        self.typed = typed
+        self.bytea = bytea
+        # Column type -> converter (None: the text stays): one lookup per value on the hot path.
+        self._converters: dict[str, Converter | None] = {}
 
     def format(self, change: Change) -> bytes:
+        if self.typed:
+            after = self._typed_row(change.after)
+            before = self._typed_row(change.before)
+            pk = self._typed_pk(change)
+        else:
+            after, before, pk = row_object(change.after), row_object(change.before), change.pk
         payload: dict[str, object] = {
             "id": change.id,
             "lsn": format_lsn(change.lsn),
@@ -95,9 +114,9 @@ class JSONFormatter:
             "commit_ts": change.commit_time,
             "table": change.qualified_table,
             "op": change.op.value,
-            "pk": change.pk,
-            "after": row_object(change.after),
-            "before": row_object(change.before),
+            "pk": pk,
+            "after": after,
+            "before": before,
         }
         unchanged = unchanged_columns(change)
         if unchanged:
@@ -105,6 +124,43 @@ class JSONFormatter:
         if change.truncate_flags:
             payload["truncate_flags"] = list(change.truncate_flags)
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _converter(self, type_name: str) -> Converter | None:
+        try:
+            return self._converters[type_name]
+        except KeyError:
+            if len(self._converters) >= 10_000:  # bounded: a stream of ever-new type names
+                self._converters.clear()
+            convert = self._converters[type_name] = converter_for(type_name, self.bytea)
+            return convert
+
+    def _typed_row(self, columns: tuple[Column, ...] | None) -> dict[str, object] | None:
+        """:func:`row_object` with each value converted by its column's type (core.typed)."""
+        if columns is None:
+            return None
+        row: dict[str, object] = {}
+        for c in columns:
+            if c.unchanged_toast:
+                continue
+            text = c.value
+            if text is None:
+                row[c.name] = None
+                continue
+            convert = self._converter(c.type)
+            row[c.name] = text if convert is None else convert_or_text(convert, text)
+        return row
+
+    def _typed_pk(self, change: Change) -> dict[str, object] | None:
+        if not change.pk:
+            return change.pk
+        # The key's types are those of the same columns in the row images.
+        types = {c.name: c.type for c in change.before or ()}
+        types.update((c.name, c.type) for c in change.after or ())
+        pk: dict[str, object] = {}
+        for name, text in change.pk.items():
+            convert = self._converter(types[name]) if text is not None and name in types else None
+            pk[name] = text if convert is None or text is None else convert_or_text(convert, text)
+        return pk
 
 
 FORMATTERS: dict[str, Callable[[bool], Formatter]] = {
@@ -114,12 +170,23 @@ FORMATTERS: dict[str, Callable[[bool], Formatter]] = {
 }
 
 
-def make_formatter(name: str, *, full_change: bool = False) -> Formatter:
-    """A built-in format by name (case-insensitive), or a custom class by ``package.module:Class``."""
+def make_formatter(name: str, *, full_change: bool = False, typed: bool = False) -> Formatter:
+    """A built-in format by name (case-insensitive), or a custom class by ``package.module:Class``.
+
+    ``typed`` (typed JSON values) applies to the ``JSON`` format only; asking for it with
+    another format is a ConfigError rather than silently ignored.
+    """
     for known, factory in FORMATTERS.items():
         if name.lower() in (known.lower(), f"{known.lower()}formatter"):
+            if known == "JSON":
+                return JSONFormatter(full_change, typed=typed)
+            if typed:
+                raise ConfigError(f"typed JSON values apply to the JSON message format only, not {known}: "
+                                  "use --message-formatter JSON or drop --typed-json")
             return factory(full_change)
     if ":" in name:
+        if typed:
+            raise ConfigError(f"typed JSON values apply to the built-in JSON format only, not {name!r}")
         module_name, _, class_name = name.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
