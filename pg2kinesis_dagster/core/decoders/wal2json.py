@@ -115,7 +115,9 @@ class Wal2JsonDecoder:
             "include-xids", "1",
             "include-timestamp", "1",
             "include-schemas", "1",
-            "include-types", "1",
+            # wal2json 2.5 prints a quoted type name ("My Schema".t) unescaped, which is not JSON; with the
+            # catalog at hand we name types by OID and ask for no names at all.
+            "include-types", "0" if type_name is not None else "1",
             "include-type-oids", "1",
             # Positions reveal the columns wal2json leaves out (unchanged TOAST).
             "include-column-positions", "1",
@@ -222,7 +224,7 @@ class Wal2JsonDecoder:
             oid = col["typeoid"]
             type_ = types.get(oid)
             if type_ is None:
-                type_ = self._resolve_type(oid, col["type"])
+                type_ = self._resolve_type(oid, col.get("type", ""))
             value = col["value"]
             if value.__class__ is str:
                 if oid == _BYTEA_OID:
