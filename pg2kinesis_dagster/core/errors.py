@@ -54,6 +54,14 @@ class SourceError(Pg2KinesisError):
     """A PostgreSQL-side problem: wal_level, slot, privileges, connection."""
 
 
+class SourceUnavailableError(SourceError):
+    """PostgreSQL could not be reached, or the connection broke (restart, failover, network).
+
+    Nothing is lost: the slot only moves after a batch is published. A long-running process may
+    reconnect and carry on; ``pg2k`` in continuous mode does, for up to ``--max-retry-seconds``.
+    """
+
+
 class SinkError(Pg2KinesisError):
     """A Kinesis-side problem: missing stream, oversized record, retries exhausted."""
 

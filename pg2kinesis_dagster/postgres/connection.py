@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions
 
-from pg2kinesis_dagster.core.errors import SourceError
+from pg2kinesis_dagster.core.errors import SourceUnavailableError
 
 APPLICATION_NAME = "pg2kinesis"
 
@@ -54,7 +54,7 @@ class PostgresSettings:
         except psycopg2.OperationalError as exc:
             # libpq messages name host and user but never the password.
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SourceError(
+            raise SourceUnavailableError(
                 f"cannot connect to PostgreSQL ({self.describe()}): {reason}. "
                 "Check --pg-host/--pg-port/--pg-dbname/--pg-user (or PGHOST, PGPORT, PGDATABASE, PGUSER), "
                 "the password (PGPASSWORD or ~/.pgpass) and pg_hba.conf."

@@ -21,7 +21,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from pg2kinesis_dagster.core.changes import SlotRow, format_lsn, parse_lsn
-from pg2kinesis_dagster.core.errors import ConfigError, SourceError
+from pg2kinesis_dagster.core.errors import ConfigError, SourceError, SourceUnavailableError
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.types import ensure_publication
 
@@ -30,6 +30,23 @@ _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 # Constant first half of the two-int advisory lock key, so our locks never collide with an application's.
 _LOCK_CLASS = 0x70673271  # "pg2q"
 _FETCH_ROWS = 5000
+# SQLSTATEs of a connection that is gone or going: connection exceptions, admin/crash shutdown, starting up.
+_CONNECTION_LOST_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def _connection_lost(exc: psycopg2.Error) -> bool:
+    """Whether ``exc`` means the session is gone (the server restarted, the network broke), not a bad query."""
+    if not isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        return False
+    code = exc.pgcode or ""
+    return not code or code.startswith(_CONNECTION_LOST_STATES)
+
+
+def _quote_ident(name: str) -> str:
+    """An identifier as it must be written in SQL (for the fixes our messages suggest)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name or ""):
+        return name
+    return '"' + (name or "").replace('"', '""') + '"'
 
 
 def validate_slot_name(name: str) -> str:
@@ -112,9 +129,25 @@ class ReplicationSlot:
         self.close()
 
     def _query(self, query: str | sql.Composable, params: tuple[object, ...] = ()) -> list[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(query, params)
+                return cur.fetchall() if cur.description else []
+        except psycopg2.Error as exc:
+            if not _connection_lost(exc):
+                raise
+            raise self._lost(exc, "query") from None
+
+    def _lost(self, exc: psycopg2.Error, action: str) -> SourceUnavailableError:
+        """The connection broke: drop it (the next call reconnects and takes the lock again) and say so."""
+        self.close()
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        return SourceUnavailableError(
+            f"lost the connection to PostgreSQL ({self.settings.describe()}) during {action} of slot "
+            f"{self.name!r}: {reason}. Nothing is lost: the slot only moves after a batch is published, so "
+            "the next attempt resumes from its confirmed position."
+        )
 
     def lock(self) -> None:
         """Take the slot's advisory lock for this connection's lifetime; fail if another process has it."""
@@ -178,9 +211,10 @@ class ReplicationSlot:
             "FROM pg_roles WHERE rolname = current_user"
         )[0]
         if not can_replicate:
+            ident = _quote_ident(user)
             raise SourceError(
-                f"role {user!r} may not use replication slots: run ALTER ROLE {user} REPLICATION "
-                f"(on Amazon RDS: GRANT rds_replication TO {user})"
+                f"role {user!r} may not use replication slots: run ALTER ROLE {ident} REPLICATION "
+                f"(on Amazon RDS: GRANT rds_replication TO {ident})"
             )
 
     def ensure(self, *, create: bool = False, recreate: bool = False) -> SlotState:
@@ -244,7 +278,14 @@ class ReplicationSlot:
 
     # -- reading -----------------------------------------------------------------------
     def current_wal_lsn(self) -> int:
-        (lsn,) = self._query("SELECT pg_current_wal_lsn()::text")[0]
+        """The WAL position a read may be bounded by: the *flush* position, not ``pg_current_wal_lsn()``.
+
+        Logical decoding only reads flushed WAL, while ``pg_current_wal_lsn()`` is the write position,
+        which runs ahead of the flush with asynchronous commit (``synchronous_commit = off``) or when
+        WAL buffers fill up. A peek bounded by the write position that found nothing would advance the
+        idle slot to it, and once the flush caught up a commit between the two would be skipped for good.
+        """
+        (lsn,) = self._query("SELECT pg_current_wal_flush_lsn()::text")[0]
         return parse_lsn(lsn)
 
     def lag_bytes(self) -> int | None:
@@ -369,6 +410,8 @@ class ReplicationSlot:
 
     def _translate(self, exc: psycopg2.Error, action: str) -> SourceError:
         """A PostgreSQL error, said with the slot's name and the fix."""
+        if _connection_lost(exc):
+            return self._lost(exc, action.replace(" the slot", ""))
         message = (exc.pgerror or str(exc)).strip().splitlines()[0] if (exc.pgerror or str(exc)) else ""
         code = exc.pgcode or ""
         if code == "55006":  # object_in_use: another backend has acquired the slot
@@ -383,8 +426,9 @@ class ReplicationSlot:
             )
         elif code == "42704" and self.publication and "publication" in message:
             fix = (
-                f"create the publication first (CREATE PUBLICATION {self.publication} FOR ALL TABLES, or for "
-                "chosen tables), then recreate the slot: pgoutput cannot decode changes made before it existed"
+                f"create the publication first (CREATE PUBLICATION {_quote_ident(self.publication)} FOR ALL "
+                "TABLES, or for chosen tables), then recreate the slot: pgoutput cannot decode changes made "
+                "before it existed"
             )
         elif code == "42704":  # undefined_object: slot missing
             fix = "create the slot (--create-slot)"
