@@ -248,3 +248,16 @@ def test_random_entry_failures_keep_per_key_order_and_ack_everything(
     for r in acknowledged:
         got[r.ordering_key].append(r.record_id)
     assert got == expected
+
+
+def test_split_at_barriers_isolates_each_barrier_in_order() -> None:
+    from pg2kinesis_dagster.core.batching import split_at_barriers
+
+    def rec(i: int, barrier: bool = False) -> Record:
+        return Record(data=b"x", partition_key="k", ordering_key=i, record_id=str(i), barrier=barrier)
+
+    records = [rec(0), rec(1), rec(2, True), rec(3), rec(4, True), rec(5, True)]
+    segments = split_at_barriers(records)
+    assert [[r.record_id for r in s] for s in segments] == [["0", "1"], ["2"], ["3"], ["4"], ["5"]]
+    assert split_at_barriers([rec(0), rec(1)]) == [[rec(0), rec(1)]]
+    assert split_at_barriers([]) == []

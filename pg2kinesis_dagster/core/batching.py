@@ -53,6 +53,9 @@ class Record:
     # pin their shard with it). Not counted in ``size``: Kinesis's 1 MiB limit
     # is data plus partition key only (PutRecordsRequestEntry docs).
     explicit_hash_key: str | None = None
+    # A barrier (a TRUNCATE) is ordered against every record, whatever its key: everything before it is
+    # acknowledged before it is sent, and nothing after it is sent before it is acknowledged.
+    barrier: bool = False
     # Bytes counted by Kinesis's limits; computed once because planning reads it
     # on every scan.
     size: int = field(init=False, repr=False, compare=False)
@@ -61,6 +64,21 @@ class Record:
         key = self.partition_key
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
         object.__setattr__(self, "size", len(self.data) + key_bytes)
+
+
+def split_at_barriers(records: Sequence[Record]) -> list[Sequence[Record]]:
+    """The runs of records to send one after another: each barrier alone, the rest between barriers."""
+    segments: list[Sequence[Record]] = []
+    start = 0
+    for i, record in enumerate(records):
+        if record.barrier:
+            if i > start:
+                segments.append(records[start:i])
+            segments.append(records[i : i + 1])
+            start = i + 1
+    if start < len(records):
+        segments.append(records[start:])
+    return segments
 
 
 def _valid_hash_key(text: str) -> bool:

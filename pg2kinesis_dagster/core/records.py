@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pg2kinesis_dagster.core.batching import Record
-from pg2kinesis_dagster.core.changes import Transaction
+from pg2kinesis_dagster.core.changes import Operation, Transaction
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.filters import ChangeFilter
 from pg2kinesis_dagster.core.formats import Formatter
 from pg2kinesis_dagster.core.keys import PartitionBy, extract_pk, ordering_key, partition_key
+from pg2kinesis_dagster.core.oversize import DEFAULT_LIMIT, OversizedPolicy, fit_record
 
 # (schema, table) -> primary-key columns; () for a table without a key; None when unknown.
 KeyLookup = Callable[[str, str], "tuple[str, ...] | None"]
@@ -46,6 +47,8 @@ class BatchStats:
     skipped_no_key: int = 0
     no_key_changes: int = 0
     record_bytes: int = 0
+    # Records whose largest values were replaced by a marker to fit Kinesis's limit (policy "truncate").
+    truncated_records: int = 0
     by_table_op: Counter[str] = field(default_factory=Counter)
     no_key_tables: set[str] = field(default_factory=set)
 
@@ -57,6 +60,7 @@ class BatchStats:
         self.skipped_no_key += other.skipped_no_key
         self.no_key_changes += other.no_key_changes
         self.record_bytes += other.record_bytes
+        self.truncated_records += other.truncated_records
         self.by_table_op.update(other.by_table_op)
         self.no_key_tables |= other.no_key_tables
 
@@ -69,6 +73,9 @@ class RecordBuilder:
     partition_by: PartitionBy = PartitionBy.ROW
     partition_constant: str = "pg2kinesis"
     no_key_policy: NoKeyPolicy = NoKeyPolicy.PUBLISH
+    # Records over Kinesis's 1 MiB limit: "fail" (the sink rejects the batch) or "truncate" (see core.oversize).
+    oversized: OversizedPolicy = OversizedPolicy.FAIL
+    max_record_bytes: int = DEFAULT_LIMIT
 
     def build(self, transactions: Iterable[Transaction]) -> tuple[list[Record], BatchStats]:
         records: list[Record] = []
@@ -90,13 +97,21 @@ class RecordBuilder:
                     if self.no_key_policy is NoKeyPolicy.SKIP:
                         stats.skipped_no_key += 1
                         continue
-                data = fmt(change)
+                key = partition_key(change, self.partition_by, self.partition_constant)
+                if self.oversized is OversizedPolicy.TRUNCATE:
+                    data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
+                                                 protected=key_columns or ())
+                    stats.truncated_records += bool(truncated)
+                else:
+                    data = fmt(change)
                 records.append(
                     Record(
                         data=data,
-                        partition_key=partition_key(change, self.partition_by, self.partition_constant),
+                        partition_key=key,
                         ordering_key=ordering_key(change),
                         record_id=change.id,
+                        # A TRUNCATE empties the whole table: it must stay after and before every row change.
+                        barrier=change.op is Operation.TRUNCATE,
                     )
                 )
                 stats.published += 1

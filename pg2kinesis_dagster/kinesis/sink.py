@@ -38,6 +38,7 @@ from pg2kinesis_dagster.core.batching import (
     check_record,
     next_request,
     remove_acknowledged,
+    split_at_barriers,
 )
 from pg2kinesis_dagster.core.errors import ConfigError, SinkError
 from pg2kinesis_dagster.kinesis.aggregation import (
@@ -309,11 +310,15 @@ class KinesisSink:
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
         progress = _Progress(total=total, last_progress=started)
-        if self.aggregate:
-            kinesis_records = self._put_aggregated(records, progress)
-        else:
-            self._send(list(records), progress, aggregated=False)
-            kinesis_records = total
+        kinesis_records = 0
+        # Segments go strictly one after another, so a TRUNCATE never overtakes (or is overtaken by) the
+        # row changes around it, whatever their keys; without barriers there is one segment.
+        for segment in split_at_barriers(records):
+            if self.aggregate:
+                kinesis_records += self._put_aggregated(segment, progress)
+            else:
+                self._send(list(segment), progress, aggregated=False)
+                kinesis_records += len(segment)
         return PutReport(
             records=kinesis_records,
             requests=progress.requests,
