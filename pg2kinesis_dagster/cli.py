@@ -15,14 +15,20 @@ import sys
 import time
 from collections.abc import Sequence
 
+import psycopg2
+
 from pg2kinesis_dagster import pipeline
 from pg2kinesis_dagster.core.decoders import supported_plugins
-from pg2kinesis_dagster.core.errors import Pg2KinesisError
+from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableError
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import BatchResult, ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 log = logging.getLogger("pg2kinesis")
+
+# Continuous mode, PostgreSQL unavailable: first wait between attempts, doubling up to the maximum.
+_RECONNECT_FIRST_DELAY = 0.5
+_RECONNECT_MAX_DELAY = 10.0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -82,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kinesis endpoint, e.g. a local emulator (default: AWS_ENDPOINT_URL_KINESIS, then AWS)",
     )
     out.add_argument(
+        "--aggregate",
+        action="store_true",
+        help="pack changes into KPL-aggregated records, as pg2kinesis did: far fewer Kinesis records "
+        "(consumers deaggregate with the KCL or aws-kinesis-agg)",
+    )
+    out.add_argument(
         "--max-retry-seconds",
         type=float,
         default=300.0,
-        help="keep retrying Kinesis this long, then fail with the slot untouched",
+        help="keep retrying Kinesis (and, without --once, a lost PostgreSQL connection) this long, then fail "
+        "with the slot untouched",
     )
 
     fmt = parser.add_argument_group("What is published (pg2kinesis flags)")
@@ -95,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV, CSVPayload (pg2kinesis formats), JSON, or a class as package.module:Class",
     )
     fmt.add_argument("--full-change", action="store_true", help="include the row images in CSVPayload")
+    fmt.add_argument(
+        "--typed-json",
+        action="store_true",
+        help="JSON format: numbers, booleans, json and arrays as typed JSON values where lossless (see README)",
+    )
     fmt.add_argument("--table-pat", default=None, help="only tables whose schema.table matches this regex")
     fmt.add_argument("--exclude-table-pat", default=None, help="skip tables whose schema.table matches")
     fmt.add_argument(
@@ -116,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kinesis partition key: the row (table + key), the table, the transaction id, or a constant",
     )
     fmt.add_argument("--partition-key-constant", default="pg2kinesis", help="with --partition-key constant")
+    fmt.add_argument(
+        "--oversized",
+        choices=["fail", "truncate"],
+        default="fail",
+        help="a record over Kinesis's 1 MiB limit: fail the batch (slot untouched), or replace its largest "
+        "non-key values by the marker __pg2kinesis_truncated__:<bytes> until it fits",
+    )
 
     run = parser.add_argument_group("Running")
     run.add_argument(
@@ -160,6 +185,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
         max_bytes=args.max_bytes,
         create_slot=args.create_slot,
         recreate_slot=args.recreate_slot,
+        oversized=args.oversized,
+        typed_json=args.typed_json,
     )
     return pg, replication
 
@@ -171,6 +198,15 @@ class _Stop:
         self.requested = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake within 0.1 s of a stop request (a signal does not cut time.sleep short)."""
+        deadline = time.monotonic() + seconds
+        while not self.requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
@@ -191,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = make_kinesis_client(
             region_name=args.aws_region, endpoint_url=args.endpoint_url, profile_name=args.aws_profile
         )
-        sink = KinesisSink(client, args.stream_name, max_retry_seconds=args.max_retry_seconds)
+        sink = KinesisSink(
+            client, args.stream_name, max_retry_seconds=args.max_retry_seconds, aggregate=args.aggregate
+        )
         with Replicator(pg, sink, replication) as replicator:
             return _run(replicator, args)
     except Pg2KinesisError as exc:
@@ -214,6 +252,7 @@ def _run(replicator: Replicator, args: argparse.Namespace) -> int:
             "published": result.stats.published,
             "filtered": result.stats.filtered,
             "skipped_no_primary_key": result.stats.skipped_no_key,
+            "truncated_records": result.stats.truncated_records,
             "seconds": round(result.seconds, 3),
             "changes_per_second": round(result.stats.changes / result.seconds) if result.seconds else 0,
         }
@@ -223,12 +262,32 @@ def _run(replicator: Replicator, args: argparse.Namespace) -> int:
     log.info(
         "replicating slot %r to stream %r (Ctrl-C to stop)", replicator.slot.name, replicator.sink.stream_name
     )
+    failing_since: float | None = None
+    delay = _RECONNECT_FIRST_DELAY
     while not stop.requested:
-        batch = replicator.run_batch()
+        try:
+            batch = replicator.run_batch()
+        except (SourceUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            # PostgreSQL restarted or the network broke: the batch in hand is dropped (the slot did not
+            # move for it), and the next attempt reconnects, takes the slot's lock again and re-reads.
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if now - failing_since > args.max_retry_seconds:
+                raise SourceUnavailableError(
+                    f"{reason} (still failing after {now - failing_since:.0f}s, giving up; the slot stays at "
+                    "its confirmed position)"
+                ) from None
+            log.warning("PostgreSQL unavailable, retrying in %.1fs: %s", delay, reason)
+            replicator.slot.close()
+            stop.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX_DELAY)
+            continue
+        failing_since, delay = None, _RECONNECT_FIRST_DELAY
         if batch.published.stats.changes:
             _log_batch(batch)
         if not batch.limited and not stop.requested:
-            time.sleep(args.poll_interval)
+            stop.sleep(args.poll_interval)
     return 0
 
 

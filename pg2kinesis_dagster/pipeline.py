@@ -20,17 +20,20 @@ Each step's output is plain picklable data, so Dagster can persist it between op
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import SlotRow, Transaction, format_lsn
 from pg2kinesis_dagster.core.decoders import decoder_for
-from pg2kinesis_dagster.core.errors import DecodeError
+from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
 from pg2kinesis_dagster.core.formats import make_formatter
 from pg2kinesis_dagster.core.keys import PartitionBy
+from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
@@ -62,6 +65,23 @@ class ReplicationSettings:
     max_bytes: int = DEFAULT_MAX_BYTES
     create_slot: bool = False
     recreate_slot: bool = False
+    # A record over Kinesis's 1 MiB limit: "fail" the batch, or "truncate" its largest values (core.oversize).
+    oversized: str = "fail"
+    # JSON format only: typed values (numbers, booleans, nested JSON, arrays) instead of PostgreSQL's text.
+    typed_json: bool = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Decoding allocates millions of small acyclic objects, freed by reference counting anyway; the cyclic
+    collector's passes over them cost more than half of the decoding time, so it waits for the batch."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _is_commit(plugin: str) -> Callable[[str | bytes], bool]:
@@ -137,6 +157,7 @@ class BatchResult:
             "filtered": stats.filtered,
             "skipped_no_primary_key": stats.skipped_no_key,
             "record_bytes": stats.record_bytes,
+            "truncated_records": stats.truncated_records,
             "plugin_bytes": self.published.data_bytes,
             "lag_bytes": self.lag_bytes,
             "seconds": round(self.seconds, 3),
@@ -198,7 +219,9 @@ class Replicator:
         )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
         self.builder = RecordBuilder(
-            formatter=make_formatter(settings.message_formatter, full_change=settings.full_change),
+            formatter=make_formatter(
+                settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
+            ),
             key_lookup=self.keys.key_columns,
             change_filter=ChangeFilter(
                 table_pat=settings.table_pat,
@@ -208,6 +231,7 @@ class Replicator:
             partition_by=PartitionBy.parse(settings.partition_key),
             partition_constant=settings.partition_key_constant,
             no_key_policy=NoKeyPolicy.parse(settings.no_primary_key),
+            oversized=OversizedPolicy.parse(settings.oversized),
         )
         self._prepared = False
 
@@ -257,7 +281,8 @@ class Replicator:
             raise exc.with_slot(peeked.slot) from None
 
     def build(self, peeked: PeekedBatch) -> FormattedBatch:
-        records, stats = self.builder.build(self.decode(peeked))
+        with _gc_paused():
+            records, stats = self.builder.build(self.decode(peeked))
         return FormattedBatch(
             slot=peeked.slot,
             records=records,
@@ -269,7 +294,10 @@ class Replicator:
         )
 
     def publish(self, formatted: FormattedBatch) -> PublishedBatch:
-        report = self.sink.put(formatted.records) if formatted.records else None
+        try:
+            report = self.sink.put(formatted.records) if formatted.records else None
+        except SinkError as exc:
+            raise self._with_slot_position(exc, formatted) from exc
         return PublishedBatch(
             slot=formatted.slot,
             advance_to=formatted.advance_to,
@@ -279,6 +307,26 @@ class Replicator:
             data_bytes=formatted.data_bytes,
             put=report,
         )
+
+    def _with_slot_position(self, exc: SinkError, formatted: FormattedBatch) -> SinkError:
+        """The sink's error plus where the slot stands, so the operator knows what the next run resends."""
+        try:
+            state = self.slot.state()
+            position = state.confirmed_flush_lsn if state is not None else None
+        except Exception:  # PostgreSQL unreachable as well: say where the slot stood when the batch was read
+            position = formatted.start_lsn
+        where = format_lsn(position) if position is not None else "(unknown)"
+        target = ""
+        if formatted.advance_to is not None:
+            target = f"; this batch would have moved it to {format_lsn(formatted.advance_to)}"
+        message = (f"{exc} Replication slot {formatted.slot!r} stays at {where} (not advanced{target}); the next "
+                   "run starts from there.")
+        try:
+            wrapped = type(exc)(message)
+        except TypeError:  # a subclass with another constructor: keep the message, lose the subtype
+            wrapped = SinkError(message)
+        wrapped.__dict__.update(exc.__dict__)
+        return wrapped
 
     def advance(self, published: PublishedBatch) -> AdvanceResult | None:
         if published.advance_to is None:

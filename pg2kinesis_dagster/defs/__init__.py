@@ -52,6 +52,7 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         endpoint_url=_opt(env, "PG2K_KINESIS_ENDPOINT_URL"),
         profile_name=_opt(env, "PG2K_AWS_PROFILE"),
         max_retry_seconds=float(env.get("PG2K_MAX_RETRY_SECONDS", "300")),
+        aggregate=_flag(env, "PG2K_AGGREGATE"),
     )
     replication = ReplicationResource(
         postgres=postgres,
@@ -61,6 +62,8 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         publication=env.get("PG2K_PUBLICATION", "pg2kinesis"),
         message_formatter=env.get("PG2K_MESSAGE_FORMATTER", "CSVPayload"),
         full_change=_flag(env, "PG2K_FULL_CHANGE"),
+        typed_json=_flag(env, "PG2K_TYPED_JSON"),
+        oversized=env.get("PG2K_OVERSIZED", "fail"),
         table_pat=_opt(env, "PG2K_TABLE_PAT"),
         exclude_table_pat=_opt(env, "PG2K_EXCLUDE_TABLE_PAT"),
         operations=_opt(env, "PG2K_OPERATIONS"),

@@ -55,6 +55,10 @@ class KinesisResource(ResourceWithBoto3Configuration):
     max_retry_seconds: float = Field(
         default=300.0, description="Give up (and fail the run, slot untouched) after retrying this long"
     )
+    aggregate: bool = Field(
+        default=False,
+        description="Pack changes into KPL-aggregated records (consumers deaggregate with the KCL or aws-kinesis-agg)",
+    )
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -72,7 +76,9 @@ class KinesisResource(ResourceWithBoto3Configuration):
             verify=self.verify,
             use_ssl=self.use_ssl,
         )
-        return KinesisSink(client, self.stream_name, max_retry_seconds=self.max_retry_seconds)
+        return KinesisSink(
+            client, self.stream_name, max_retry_seconds=self.max_retry_seconds, aggregate=self.aggregate
+        )
 
 
 class ReplicationResource(ConfigurableResource):
@@ -85,6 +91,8 @@ class ReplicationResource(ConfigurableResource):
     publication: str = Field(default="pg2kinesis", description="pgoutput only: the publication to replicate")
     message_formatter: str = Field(default="CSVPayload", description="CSV, CSVPayload, JSON or pkg.mod:Class")
     full_change: bool = False
+    typed_json: bool = Field(default=False, description="JSON format: typed values where lossless")
+    oversized: str = Field(default="fail", description="records over 1 MiB: fail (slot untouched) or truncate")
     table_pat: str | None = Field(default=None, description="Regex searched in schema.table: include")
     exclude_table_pat: str | None = Field(default=None, description="Regex searched in schema.table: exclude")
     operations: str | None = Field(default=None, description="e.g. insert,update (default: all)")
@@ -104,6 +112,8 @@ class ReplicationResource(ConfigurableResource):
             publication=self.publication,
             message_formatter=self.message_formatter,
             full_change=self.full_change,
+            typed_json=self.typed_json,
+            oversized=self.oversized,
             table_pat=self.table_pat,
             exclude_table_pat=self.exclude_table_pat,
             operations=self.operations,
