@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
-from pg2kinesis_dagster.devstack.workload import WorkloadLedger
+from pg2kinesis_dagster.devstack.workload import LedgerTransaction, WorkloadLedger
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
@@ -50,11 +53,14 @@ def confirmed_flush(server: PostgresServer, dbname: str, slot: str = "pg2kinesis
 def read_json(moto: MotoServer, stream: str) -> list[dict[str, Any]]:
     """Every record of the stream as its JSON change, plus shard and sequence number."""
     out = []
-    for rec in moto.read_stream(stream):
+    # read_stream yields shards in lineage order (parents first), each in sequence order: the order
+    # a consumer reads them in. _pos keeps it, so per-key order can be checked across a reshard.
+    for pos, rec in enumerate(moto.read_stream(stream)):
         change = json.loads(rec["data"])
         change["_shard"] = rec["shard_id"]
         change["_seq"] = int(rec["sequence_number"])
         change["_partition_key"] = rec["partition_key"]
+        change["_pos"] = pos
         out.append(change)
     return out
 
@@ -114,3 +120,124 @@ def assert_per_key_order(unique: list[dict[str, Any]]) -> None:
         assert len(shards_per_key[key]) == 1, f"row {key} spread over shards {shards_per_key[key]}"
         ordered = [order for _, order in sorted(entries)]
         assert ordered == sorted(ordered), f"row {key} out of commit order"
+
+
+# -- a checker that counts instead of stopping at the first problem --------------------------------
+
+
+def _consumer_order(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """The order a consumer reads records in: lineage order across shards (``_pos``), else shard + sequence."""
+    return (rec["_pos"],) if "_pos" in rec else (rec["_shard"], rec["_seq"])
+
+
+def _ordering_key(rec: dict[str, Any]) -> tuple[str, str]:
+    """A row's identity; changes of keyless tables and TRUNCATEs are ordered per table."""
+    return (rec["table"], json.dumps(rec["pk"], sort_keys=True) if rec["pk"] is not None else "*table*")
+
+
+@dataclass
+class LedgerReport:
+    """What arrived compared with what was committed. ``ok`` means: nothing lost, nothing out of order."""
+
+    expected: int = 0  # committed changes in the ledger
+    records: int = 0  # records read from the stream
+    unique: int = 0  # after dropping duplicate ids (first occurrence in consumer order kept)
+    duplicates: int = 0  # records - unique
+    lost: int = 0  # committed changes with no record
+    unexpected: int = 0  # unique records that match no committed change (rolled back, invented)
+    mismatched: int = 0  # records whose table/op/key/values differ from the committed change
+    order_violations: int = 0  # adjacent pairs of a row's changes in consumer order that go back in commit order
+    commit_order_violations: int = 0  # adjacent transactions whose commit LSNs go backwards in ledger order
+    keys: int = 0
+    keys_on_several_shards: int = 0  # fine only across a reshard
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.unexpected or self.mismatched or self.order_violations
+                    or self.commit_order_violations)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if k != "examples"}
+
+    def _example(self, text: str) -> None:
+        if len(self.examples) < 10:
+            self.examples.append(text)
+
+
+def check_against_ledger(records: list[dict[str, Any]],
+                         ledger: WorkloadLedger | Iterable[LedgerTransaction]) -> LedgerReport:
+    """Compare JSON records (from :func:`read_json`) with committed transactions, counting every problem.
+
+    Records are matched to the ledger by (xid, index in transaction): a change's id is
+    ``<commit LSN>:<index>`` and the JSON carries the xid. Duplicates are dropped by id, keeping the
+    first occurrence in consumer order (lineage order across shards, sequence order in a shard).
+    """
+    transactions = list(ledger.transactions if isinstance(ledger, WorkloadLedger) else ledger)
+    report = LedgerReport(records=len(records))
+    seen: set[str] = set()
+    unique: list[dict[str, Any]] = []
+    for rec in sorted(records, key=_consumer_order):
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            unique.append(rec)
+    report.unique = len(unique)
+    report.duplicates = len(records) - len(unique)
+
+    by_xid: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for rec in unique:
+        by_xid[int(rec["xid"])][_id_order(rec["id"])[1]] = rec
+    matched: set[str] = set()
+    commit_lsns: list[int] = []
+    for txn in transactions:
+        got = by_xid.get(txn.xid, {})
+        lsn = None
+        for index, want in enumerate(txn.changes):
+            report.expected += 1
+            rec = got.get(index)
+            if rec is None:
+                report.lost += 1
+                report._example(f"lost: xid {txn.xid} change {index} {want.table} {want.op} {want.key}")
+                continue
+            matched.add(rec["id"])
+            lsn = _id_order(rec["id"])[0]
+            same = rec["table"] == want.table and rec["op"] == want.op and rec["pk"] == want.key
+            if want.op in ("INSERT", "UPDATE"):
+                same = same and rec["after"] == want.values
+            else:
+                same = same and rec["after"] is None
+            if not same:
+                report.mismatched += 1
+                report._example(f"mismatch: {rec['id']}: got {rec['table']} {rec['op']} {rec['pk']}, "
+                                f"want {want.table} {want.op} {want.key}")
+        if lsn is not None:
+            commit_lsns.append(lsn)
+    report.commit_order_violations = sum(1 for a, b in pairwise(commit_lsns) if b <= a)
+    for rec in unique:
+        if rec["id"] not in matched:
+            report.unexpected += 1
+            report._example(f"unexpected: {rec['id']} xid {rec['xid']} {rec['table']} {rec['op']}")
+
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in unique:  # already in consumer order
+        by_key[_ordering_key(rec)].append(rec)
+    report.keys = len(by_key)
+    for key, changes in by_key.items():
+        if len({r["_shard"] for r in changes}) > 1:
+            report.keys_on_several_shards += 1
+        for before, after in pairwise(changes):
+            if _id_order(after["id"]) < _id_order(before["id"]):
+                report.order_violations += 1
+                report._example(f"order: {key}: {after['id']} read after {before['id']}")
+    return report
+
+
+def assert_no_loss_no_reordering(report: LedgerReport, *, max_duplicates: int | None = None,
+                                 allow_several_shards: bool = False) -> None:
+    """The guarantees: nothing lost or invented, values exact, per-row and commit order kept."""
+    assert report.ok, f"{report.as_dict()} {report.examples}"
+    assert report.unique == report.expected, report.as_dict()
+    if not allow_several_shards:
+        assert report.keys_on_several_shards == 0, report.as_dict()
+    if max_duplicates is not None:
+        assert report.duplicates <= max_duplicates, (report.duplicates, max_duplicates, report.as_dict())
