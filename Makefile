@@ -35,8 +35,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_drain.py --changes 200000
 	$(PY) benchmarks/bench_decoder.py
 
+faults: $(STAMP)
+	PG2K_FAULTS_PROFILE=long $(PY) -m pytest tests/faults -q -s -p no:warnings --timeout=3600
+
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_decoder_properties.py -q
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:warnings tests/test_decoder_properties.py \
+		tests/test_decoder_live_properties.py tests/test_typed_json.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -168,8 +168,14 @@ def dev(port: int) -> int:
             shutil.rmtree(home, ignore_errors=True)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C so every `with` stops what it started (PostgreSQL, moto, dagster dev).
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=BetaWarning)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dev", action="store_true", help="leave the stack running under dagster dev")
     parser.add_argument("--port", type=int, default=3000, help="dagster dev's port (with --dev)")
