@@ -139,14 +139,17 @@ def main() -> int:
                    "--pg-user", "postgres", "--pg-slot-name", SLOT, "--stream-name", STREAM,
                    "--endpoint-url", moto.endpoint_url, "--aws-region", moto.region,
                    "--message-formatter", args.formatter, *([] if args.plain else ["--aggregate"])]
+        # GNU time reports pg2k's own peak RSS; RUSAGE_CHILDREN would also count every other waited-for child.
+        timer = ["/usr/bin/time", "-f", "PEAK_RSS_KB=%M"] if Path("/usr/bin/time").exists() else []
         started = time.perf_counter()
-        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        out = subprocess.run(timer + command, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
             return 1
         summary = json.loads(out.stdout.strip().splitlines()[-1])
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peaks = [int(line.split("=", 1)[1]) for line in out.stderr.splitlines() if line.startswith("PEAK_RSS_KB=")]
+        peak_mib = (peaks[-1] if peaks else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
         mode = "plain" if args.plain else "aggregated"
         print(f"pg2k --once into moto ({args.shards} shards, {args.formatter}, {mode}): "
               f"{summary['changes']} changes in {wall:.2f}s wall = {summary['changes'] / wall:,.0f} changes/s; "
