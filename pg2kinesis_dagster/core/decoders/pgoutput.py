@@ -55,7 +55,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone, tzinfo
 
-from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction
+from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
 from pg2kinesis_dagster.core.errors import ConfigError, DecodeError
 
 # (type OID, typmod) -> the type's name; typmod -1 means "without typmod" (format_type_be).
@@ -97,33 +97,6 @@ BUILTIN_TYPE_NAMES.update({array: BUILTIN_TYPE_NAMES[elem] + "[]" for array, ele
 # -- helpers shared with the wal2json decoder -------------------------------------------
 
 
-def _new_column(name: str, type_: str, value: str | None) -> Column:
-    """Column(name, type_, value) without the frozen dataclass's slow __init__.
-
-    A frozen dataclass sets each field through object.__setattr__; the slot descriptors
-    do the same work directly. Only used while Column has exactly the expected slots.
-    """
-    column = _object_new(Column)
-    _set_name(column, name)
-    _set_type(column, type_)
-    _set_value(column, value)
-    _set_unchanged_toast(column, False)
-    return column
-
-
-_object_new = object.__new__
-if (
-    tuple(f.name for f in dataclasses.fields(Column)) == ("name", "type", "value", "unchanged_toast")
-    and "__slots__" in vars(Column)
-    and not hasattr(Column, "__post_init__")
-):
-    _set_name = Column.name.__set__  # type: ignore[attr-defined]
-    _set_type = Column.type.__set__  # type: ignore[attr-defined]
-    _set_value = Column.value.__set__  # type: ignore[attr-defined]
-    _set_unchanged_toast = Column.unchanged_toast.__set__  # type: ignore[attr-defined]
-    new_column: Callable[[str, str, str | None], Column] = _new_column
-else:  # Column changed shape: its constructor, slower but always right
-    new_column = Column
 
 _BARE_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
 
@@ -276,12 +249,8 @@ class PgOutputDecoder:
                         raise DecodeError("Commit without a Begin", lsn=lsn, text=data)
                     _flags, _commit_lsn, _end_lsn, ts = _COMMIT.unpack_from(data, 1)
                     commit_time = format_commit_time(ts, self._tz)
-                    txn.commit_lsn = lsn
-                    txn.commit_time = commit_time
                     txn.size += len(data)
-                    for change in txn.changes:
-                        change.commit_lsn = lsn
-                        change.commit_time = commit_time
+                    txn.commit(lsn, commit_time)
                     yield txn
                     txn = None
                 elif kind == _MSG_RELATION:

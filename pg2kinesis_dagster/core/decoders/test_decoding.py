@@ -19,11 +19,10 @@ publish wrong data.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
-from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction
+from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
 from pg2kinesis_dagster.core.errors import DecodeError
 
 # quote_identifier(): bare when it is [a-z_][a-z0-9_]* (and not a keyword),
@@ -89,34 +88,7 @@ _CACHE_LIMIT = 10_000
 _Header = tuple[str, str, dict[str, Column]]
 
 
-def _new_column(name: str, type_: str, value: str) -> Column:
-    """Column(name, type_, value) without the frozen dataclass's __init__.
-
-    A frozen dataclass sets each field through object.__setattr__, which made
-    building columns the largest cost of decoding; the slot descriptors do the
-    same work directly. Only used when Column has exactly the expected slots.
-    """
-    column = _object_new(Column)
-    _set_name(column, name)
-    _set_type(column, type_)
-    _set_value(column, value)
-    _set_unchanged_toast(column, False)
-    return column
-
-
-_object_new = object.__new__
-if (
-    tuple(f.name for f in dataclasses.fields(Column)) == ("name", "type", "value", "unchanged_toast")
-    and "__slots__" in vars(Column)
-    and not hasattr(Column, "__post_init__")
-):
-    _set_name = Column.name.__set__  # type: ignore[attr-defined]
-    _set_type = Column.type.__set__  # type: ignore[attr-defined]
-    _set_value = Column.value.__set__  # type: ignore[attr-defined]
-    _set_unchanged_toast = Column.unchanged_toast.__set__  # type: ignore[attr-defined]
-    _column: Callable[[str, str, str], Column] = _new_column
-else:  # Column changed shape: use its constructor, slower but always right
-    _column = Column
+_column = new_column
 
 
 def _unquote(token: str) -> str:
@@ -185,13 +157,8 @@ class TestDecodingDecoder:
                 if begin_xid and commit_xid and begin_xid != commit_xid:
                     raise DecodeError(f"COMMIT of transaction {commit_xid} inside transaction {begin_xid}",
                                       lsn=lsn, text=data)
-                commit_time = m.group(2)
-                txn.commit_lsn = lsn
-                txn.commit_time = commit_time
                 txn.size += len(data)
-                for change in changes:
-                    change.commit_lsn = lsn
-                    change.commit_time = commit_time
+                txn.commit(lsn, m.group(2))
                 yield txn
                 txn = None
                 changes = []

@@ -53,8 +53,8 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction
-from pg2kinesis_dagster.core.decoders.pgoutput import BUILTIN_TYPE_NAMES, TypeNamer, new_column
+from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
+from pg2kinesis_dagster.core.decoders.pgoutput import BUILTIN_TYPE_NAMES, TypeNamer
 from pg2kinesis_dagster.core.errors import DecodeError
 
 # (schema, table) -> {attnum: (column name, format_type_be type name)} of the live columns.
@@ -164,12 +164,8 @@ class Wal2JsonDecoder:
                     if txn is None:
                         raise DecodeError("C without a B", lsn=lsn, text=data)
                     commit_time = doc.get("timestamp")
-                    txn.commit_lsn = lsn
-                    txn.commit_time = commit_time
                     txn.size += len(data)
-                    for change in txn.changes:
-                        change.commit_lsn = lsn
-                        change.commit_time = commit_time
+                    txn.commit(lsn, commit_time)
                     yield txn
                     txn = None
                 elif action == "T":
