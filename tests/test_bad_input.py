@@ -148,3 +148,22 @@ def test_unparsable_plugin_output(pg_server: PostgresServer, table_db: str, pg_c
     assert "slot 'garbled'" in str(err.value) and "UPSERT" in str(err.value) and "LSN" in str(err.value)
     assert confirmed_flush(pg_server, table_db, "garbled") == before
     assert read_json(moto_server, kinesis_stream) == []
+
+
+def test_peek_waits_for_a_slot_held_for_a_moment(pg_server: PostgresServer, table_db: str, pg_conn,
+                                                 moto_server: MotoServer, kinesis_stream: str) -> None:
+    import threading
+
+    with make_replicator(pg_server, table_db, moto_server, kinesis_stream, slot_name="shared") as r:
+        r.prepare()
+        with pg_conn.cursor() as cur:
+            cur.execute("INSERT INTO items VALUES (1, 'a')")
+        # Another client (the sensor, a DBA) holds the slot; it lets go after a moment.
+        repl = psycopg2.connect(
+            pg_server.dsn(table_db), connection_factory=psycopg2.extras.LogicalReplicationConnection
+        )
+        repl.cursor().start_replication(slot_name="shared", decode=True)
+        threading.Timer(1.0, repl.close).start()
+        result = r.drain()
+    assert result.stats.published == 1
+    assert [rec["after"] for rec in read_json(moto_server, kinesis_stream)] == [{"id": "1", "body": "a"}]

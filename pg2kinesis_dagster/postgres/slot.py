@@ -12,6 +12,7 @@ with the connection, so a crashed process never leaves it behind.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 # Constant first half of the two-int advisory lock key, so our locks never collide with an application's.
 _LOCK_CLASS = 0x70673271  # "pg2q"
 _FETCH_ROWS = 5000
+# How long a peek waits for a slot that another backend holds for a moment.
+SLOT_BUSY_WAIT_SECONDS = 10.0
 # SQLSTATEs of a connection that is gone or going: connection exceptions, admin/crash shutdown, starting up.
 _CONNECTION_LOST_STATES = ("08", "57P01", "57P02", "57P03")
 
@@ -336,13 +339,14 @@ class ReplicationSlot:
         data_bytes = 0
         limited = False
         last_commit: int | None = None
-        # A separate transaction with a server-side cursor: rows stream in chunks, and we stop
-        # reading at a limit instead of pulling everything the function produced.
-        conn = self.settings.connect(autocommit=False)
-        try:
-            with conn.cursor(name=f"pg2k_peek_{self.name}") as cur:
-                cur.itersize = _FETCH_ROWS
-                try:
+        busy_until = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+        while True:
+            # A separate transaction with a server-side cursor: rows stream in chunks, and we stop
+            # reading at a limit instead of pulling everything the function produced.
+            conn = self.settings.connect(autocommit=False)
+            try:
+                with conn.cursor(name=f"pg2k_peek_{self.name}") as cur:
+                    cur.itersize = _FETCH_ROWS
                     cur.execute(query, (self.name, format_lsn(upto_lsn), max_changes, list(options)))
                     for lsn_text, xid, data in _iter_cursor(cur):
                         if binary:
@@ -356,11 +360,16 @@ class ReplicationSlot:
                             if len(rows) >= max_changes or data_bytes >= max_bytes:
                                 limited = True
                                 break
-                except psycopg2.Error as exc:
+                conn.rollback()
+                break
+            except psycopg2.Error as exc:
+                # Another backend holds the slot for a moment (the sensor's one-row peek, a DBA's look):
+                # the slot is acquired before any row comes, so wait briefly instead of failing the run.
+                if exc.pgcode != "55006" or rows or time.monotonic() > busy_until:
                     raise self._translate(exc, "peek the slot") from None
-            conn.rollback()
-        finally:
-            conn.close()
+                time.sleep(0.2)
+            finally:
+                conn.close()
         # Rows after the last commit belong to a transaction we did not finish reading.
         if last_commit is not None:
             while rows and rows[-1][0] != last_commit:
