@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pg2kinesis_dagster.core.batching import Record
-from pg2kinesis_dagster.core.changes import SlotRow, Transaction, format_lsn
+from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
@@ -38,7 +38,7 @@ from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuild
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
-from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
+from pg2kinesis_dagster.postgres.slot import AdvanceResult, PeekedRows, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 
 DEFAULT_MAX_CHANGES = 20_000
@@ -96,16 +96,11 @@ def _is_commit(plugin: str) -> Callable[[str | bytes], bool]:
 
 
 @dataclass
-class PeekedBatch:
+class PeekedBatch(PeekedRows):
+    """What the slot gave, labelled with the slot and plugin it came from (the peek_batch op's output)."""
+
     slot: str
     plugin: str
-    rows: list[SlotRow]
-    start_lsn: int
-    upto_lsn: int
-    advance_to: int | None
-    transactions: int
-    data_bytes: int
-    limited: bool
 
 
 @dataclass
@@ -262,17 +257,7 @@ class Replicator:
             upto_lsn=upto_lsn,
             binary=self.settings.output_plugin == "pgoutput",
         )
-        return PeekedBatch(
-            slot=self.slot.name,
-            plugin=self.settings.output_plugin,
-            rows=peeked.rows,
-            start_lsn=peeked.start_lsn,
-            upto_lsn=peeked.upto_lsn,
-            advance_to=peeked.advance_to,
-            transactions=peeked.transactions,
-            data_bytes=peeked.data_bytes,
-            limited=peeked.limited,
-        )
+        return PeekedBatch(**vars(peeked), slot=self.slot.name, plugin=self.settings.output_plugin)
 
     def decode(self, peeked: PeekedBatch) -> Iterator[Transaction]:
         try:

@@ -250,11 +250,7 @@ class KinesisSink:
         except ClientError as exc:
             code = _error_code(exc)
             if code == "ResourceNotFoundException":
-                raise SinkError(
-                    f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
-                    f"(aws kinesis create-stream --stream-name {name} --stream-mode-details "
-                    "StreamMode=ON_DEMAND) or fix --stream-name."
-                ) from exc
+                raise SinkError(self._missing_stream_message()) from exc
             if code in ("AccessDeniedException", "AccessDenied", "UnauthorizedOperation"):
                 raise SinkError(
                     f"access denied describing Kinesis stream {name!r} in {self._where()}: the AWS "
@@ -514,6 +510,14 @@ class KinesisSink:
             "the slot will not be advanced, so the next run sends them again."
         )
 
+    def _missing_stream_message(self) -> str:
+        name = self.stream_name
+        return (
+            f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
+            f"(aws kinesis create-stream --stream-name {name} --stream-mode-details StreamMode=ON_DEMAND) "
+            "or fix --stream-name."
+        )
+
     def _kms_message(self, code: str, detail: str) -> str:
         return (
             f"Kinesis stream {self.stream_name!r} in {self._where()} cannot encrypt records with its "
@@ -525,10 +529,7 @@ class KinesisSink:
         name = self.stream_name
         detail = _error_message(exc)
         if code == "ResourceNotFoundException":
-            text = (
-                f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
-                f"(aws kinesis create-stream --stream-name {name} ...) or fix --stream-name."
-            )
+            text = self._missing_stream_message()
         elif code in ("AccessDeniedException", "AccessDenied"):
             text = (
                 f"access denied writing to Kinesis stream {name!r} in {self._where()}: the AWS "
@@ -549,10 +550,7 @@ class KinesisSink:
         name = self.stream_name
         detail = _error_message(exc)
         if code == "ResourceNotFoundException":
-            text = (
-                f"Kinesis stream {name!r} does not exist in {self._where()}: create it "
-                f"(aws kinesis create-stream --stream-name {name} ...) or fix --stream-name."
-            )
+            text = self._missing_stream_message()
         elif code in ("AccessDeniedException", "AccessDenied"):
             text = (
                 f"access denied listing the shards of Kinesis stream {name!r} in {self._where()}: record "
