@@ -43,6 +43,7 @@ from pg2kinesis_dagster.kinesis.aggregation import (
     partition_key_hash,
 )
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
+from tests.test_kinesis_sink import FakeClock, MaxRng
 
 H = 2**128  # size of the hash key space
 
@@ -459,24 +460,6 @@ def test_aggregated_put_to_missing_stream_names_list_shards(
 
 
 # -- the sink with a fake stream: retries and resharding --------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-class MaxRng:
-    def uniform(self, a: float, b: float) -> float:
-        return b
 
 
 Behaviour = Callable[[int, list[dict[str, Any]]], list[str | None]]
