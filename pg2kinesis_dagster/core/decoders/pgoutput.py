@@ -215,12 +215,14 @@ class PgOutputDecoder:
 
     # -- transactions --------------------------------------------------------------------
 
-    def decode(self, rows: Iterable[SlotRow]) -> Iterator[Transaction]:
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
-        Streams: only the transaction being read is held; a trailing transaction
-        without its Commit is not yielded.
+        Streams: only the transaction being read is held, and with ``part_size`` at most that
+        many of its changes (:meth:`Transaction.split` parts); a trailing transaction without
+        its Commit is not yielded.
         """
+        part_limit = part_size or 1 << 62
         txn: Transaction | None = None
         for lsn, xid, data in rows:
             if not isinstance(data, bytes | bytearray | memoryview):
@@ -237,6 +239,8 @@ class PgOutputDecoder:
                                           lsn=lsn, text=data)
                     txn.size += len(data)
                     self._change(kind, data, lsn, txn)
+                    if len(txn.changes) >= part_limit:
+                        yield txn.split()
                 elif kind == _MSG_BEGIN:
                     if txn is not None:
                         raise DecodeError("Begin while the previous transaction has no Commit",
@@ -351,8 +355,8 @@ class PgOutputDecoder:
                 rel = self._relations.get(_U32.unpack_from(data, 6 + 4 * i)[0])
                 if rel is None:
                     raise ValueError("TRUNCATE of a relation without a Relation message before it")
-                out.append(Change(txn.xid, lsn, len(out), rel.schema, rel.table, Operation.TRUNCATE,
-                                  truncate_flags=flags))
+                out.append(Change(txn.xid, lsn, txn.first_index + len(out), rel.schema, rel.table,
+                                  Operation.TRUNCATE, truncate_flags=flags))
             return
         rel = self._rel(data)
         marker = data[5]
@@ -381,7 +385,7 @@ class PgOutputDecoder:
             op = Operation.DELETE
         if pos != len(data):
             raise ValueError(f"{len(data) - pos} bytes after the tuple data")
-        out.append(Change(txn.xid, lsn, len(out), rel.schema, rel.table, op, after, before))
+        out.append(Change(txn.xid, lsn, txn.first_index + len(out), rel.schema, rel.table, op, after, before))
 
     def _tuple(self, data: bytes, pos: int, rel: _Relation, old: bool) -> tuple[tuple[Column, ...], int]:
         """TupleData at ``pos``: the columns and the position after them.
