@@ -7,7 +7,7 @@ import json
 from collections.abc import Hashable, Sequence
 from enum import Enum
 
-from pg2kinesis_dagster.core.changes import Change, Column, Operation
+from pg2kinesis_dagster.core.changes import Change, Column, LazyChange, Operation
 from pg2kinesis_dagster.core.errors import ConfigError
 
 MAX_PARTITION_KEY_CHARS = 256
@@ -35,6 +35,10 @@ def extract_pk(change: Change, key_columns: Sequence[str]) -> dict[str, str | No
     """The key values of the row a change is about, from the image that carries them."""
     if not key_columns or change.op is Operation.TRUNCATE:
         return None
+    if type(change) is LazyChange:
+        pending = change.pending
+        if pending is not None:  # images not parsed yet: read only the key from the raw text
+            return pending.key(key_columns)
     # The new image names the row after an UPDATE (a key change moves the row to its new key);
     # a DELETE only has the old key.
     image: tuple[Column, ...] | None = change.after if change.after is not None else change.before
