@@ -31,7 +31,7 @@ from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
-from pg2kinesis_dagster.core.formats import make_formatter
+from pg2kinesis_dagster.core.formats import make_formatter, needs_row_images
 from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
@@ -204,9 +204,12 @@ class Replicator:
         self.pg = pg
         self.sink = sink
         self.settings = settings
-        self.decoder = decoder_for(
-            settings.output_plugin, **decoder_options(settings.output_plugin, pg, publication=settings.publication)
-        )
+        formatter = make_formatter(settings.message_formatter, full_change=settings.full_change,
+                                   typed=settings.typed_json)
+        options = decoder_options(settings.output_plugin, pg, publication=settings.publication)
+        if settings.output_plugin == "test_decoding" and not needs_row_images(formatter):
+            options["lazy_images"] = True  # a key-only format: row images validated, never parsed
+        self.decoder = decoder_for(settings.output_plugin, **options)
         self.is_commit = _is_commit(settings.output_plugin)
         self.slot = ReplicationSlot(
             pg, settings.slot_name, settings.output_plugin,
@@ -214,9 +217,7 @@ class Replicator:
         )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
         self.builder = RecordBuilder(
-            formatter=make_formatter(
-                settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
-            ),
+            formatter=formatter,
             key_lookup=self.keys.key_columns,
             change_filter=ChangeFilter(
                 table_pat=settings.table_pat,

@@ -39,6 +39,18 @@ class OrderingKeys(frozenset[Hashable]):
 
 
 @dataclass(frozen=True, slots=True)
+class SharedKey:
+    """Inside :class:`OrderingKeys`: ``key`` is only read, not written.
+
+    Records sharing ``key`` this way need no order among themselves; each still waits for an earlier record
+    holding ``key`` itself (and holds back a later one). A table's rows share the table; a change that touches
+    the whole table holds it.
+    """
+
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One Kinesis record, ready to send."""
 
@@ -64,6 +76,42 @@ class Record:
         key = self.partition_key
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
         object.__setattr__(self, "size", len(self.data) + key_bytes)
+
+
+_object_new = object.__new__
+_set_data = Record.data.__set__  # type: ignore[attr-defined]
+_set_partition_key = Record.partition_key.__set__  # type: ignore[attr-defined]
+_set_ordering_key = Record.ordering_key.__set__  # type: ignore[attr-defined]
+_set_record_id = Record.record_id.__set__  # type: ignore[attr-defined]
+_set_explicit_hash_key = Record.explicit_hash_key.__set__  # type: ignore[attr-defined]
+_set_barrier = Record.barrier.__set__  # type: ignore[attr-defined]
+_set_size = Record.size.__set__  # type: ignore[attr-defined]
+_RECORD_FIELDS = ("data", "partition_key", "ordering_key", "record_id", "explicit_hash_key", "barrier", "size")
+
+
+def _new_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
+                barrier: bool = False) -> Record:
+    """``Record(data, partition_key, ordering_key, record_id, barrier=barrier)`` without the frozen dataclass's
+    __init__ (each field through object.__setattr__): the record builder makes one per change."""
+    record = _object_new(Record)
+    _set_data(record, data)
+    _set_partition_key(record, partition_key)
+    _set_ordering_key(record, ordering_key)
+    _set_record_id(record, record_id)
+    _set_explicit_hash_key(record, None)
+    _set_barrier(record, barrier)
+    _set_size(record, len(data) + (len(partition_key) if partition_key.isascii() else
+                                   len(partition_key.encode("utf-8"))))
+    return record
+
+
+def _slow_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
+                 barrier: bool = False) -> Record:
+    return Record(data, partition_key, ordering_key, record_id, barrier=barrier)
+
+
+# The fast constructor only while Record has exactly these slots (else the constructor, slower but right).
+new_record = _new_record if tuple(Record.__slots__) == _RECORD_FIELDS else _slow_record
 
 
 def split_at_barriers(records: Sequence[Record]) -> list[Sequence[Record]]:
@@ -118,7 +166,8 @@ def next_request(pending: Sequence[Record]) -> list[int]:
 
     ``pending`` holds the unacknowledged records in input order. A record is
     chosen only if no earlier pending record has the same ordering key (or
-    shares one of its :class:`OrderingKeys`), so a
+    shares one of its :class:`OrderingKeys`; keys taken as :class:`SharedKey`
+    conflict only with the same key taken whole), so a
     request never holds two changes of one row, and never a change whose
     predecessor is still unacknowledged. Records are assumed to pass
     :func:`check_record`; the first pending record is then always chosen, so
@@ -126,18 +175,25 @@ def next_request(pending: Sequence[Record]) -> list[int]:
     soon as the request is full.
     """
     chosen: list[int] = []
-    blocked: set[Hashable] = set()
+    blocked: set[Hashable] = set()  # keys held by an earlier pending record
+    shared: set[Hashable] = set()  # keys shared (SharedKey) by an earlier pending record
     total = 0
     for index, record in enumerate(pending):
         key = record.ordering_key
         if type(key) is OrderingKeys:
-            # Several keys: wait if any is blocked; either way block them all.
-            waits = not blocked.isdisjoint(key)
-            blocked.update(key)
+            # Several keys: wait if any conflicts with an earlier record; either way take them all.
+            waits = False
+            for part in key:
+                if type(part) is SharedKey:
+                    waits = waits or part.key in blocked
+                    shared.add(part.key)
+                else:
+                    waits = waits or part in blocked or part in shared
+                    blocked.add(part)
             if waits:
                 continue
         else:
-            if key in blocked:
+            if key in blocked or key in shared:
                 continue
             # Whether or not it fits, later records of this key must wait for it.
             blocked.add(key)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import sys
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +31,102 @@ from pg2kinesis_dagster.core.batching import (
     MAX_RECORD_BYTES,
     OrderingKeys,
     Record,
+    SharedKey,
 )
 from pg2kinesis_dagster.core.errors import RecordTooLargeError, SinkError
 
-# aws_kinesis_agg.aggregator puts its own directory and site-packages at the front
-# of sys.path (so its generated protobuf modules can import each other by bare
-# name); undo that so it cannot shadow other modules, the standard library's too.
-_saved_path = list(sys.path)
-try:
-    from aws_kinesis_agg.aggregator import AggRecord
-finally:
-    sys.path[:] = _saved_path
-    del _saved_path
+# The KPL aggregated record format (github.com/awslabs/amazon-kinesis-producer, aggregation-format.md):
+# MAGIC, the protobuf AggregatedRecord, the MD5 digest of the protobuf bytes.
+KPL_MAGIC = b"\xf3\x89\x9a\xc2"
+_DIGEST_SIZE = 16
+_VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 1 << 14:
+        return _VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 0x80 else 2 if n < 1 << 14 else (n.bit_length() + 6) // 7
+
+
+class KplRecord:
+    """One KPL-aggregated record being filled: ``aws_kinesis_agg``'s ``AggRecord`` without its per-record cost.
+
+    The bytes and the "full" decision are exactly ``AggRecord``'s (tests/test_aggregation.py checks both against
+    it and against protobuf's own serialisation), but the size is kept as a running total and the protobuf
+    message is written once, by concatenation, when the record is complete: AggRecord re-encodes keys and
+    builds protobuf objects for every user record. Field order is protobuf's: the partition key table (1), the
+    explicit hash key table (2), the records (3), each record its key index (1), hash key index (2), data (3).
+    """
+
+    __slots__ = ("_body_size", "_ehk_index", "_ehk_table", "_max_size", "_parts", "_pk_index", "_pk_table", "count")
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._body_size = 0
+        self._pk_index: dict[bytes, int] = {}
+        self._ehk_index: dict[bytes, int] = {}
+        self._pk_table: list[bytes] = []
+        self._ehk_table: list[bytes] = []
+        self._parts: list[bytes] = []
+        self.count = 0
+
+    def size(self) -> int:
+        return len(KPL_MAGIC) + self._body_size + _DIGEST_SIZE
+
+    def add_user_record(self, partition_key: bytes, data: bytes, explicit_hash_key: bytes | None = None) -> bool:
+        """Add a user record if it fits: False when the record is full; ValueError if it can never fit."""
+        message_size = 0
+        pk_index = self._pk_index.get(partition_key)
+        if pk_index is None:
+            new_pk = len(self._pk_table)
+            message_size += 1 + _varint_size(len(partition_key)) + len(partition_key)
+        inner = 1 + _varint_size(new_pk if pk_index is None else pk_index)
+        ehk_index = None
+        if explicit_hash_key is not None:
+            ehk_index = self._ehk_index.get(explicit_hash_key)
+            if ehk_index is None:
+                new_ehk = len(self._ehk_table)
+                message_size += 1 + _varint_size(len(explicit_hash_key)) + len(explicit_hash_key)
+            inner += 1 + _varint_size(new_ehk if ehk_index is None else ehk_index)
+        data_size = len(data)
+        inner += 1 + _varint_size(data_size) + data_size
+        message_size += 1 + _varint_size(inner) + inner
+        if message_size > self._max_size:
+            raise ValueError(f"user record of {message_size} bytes too big for an aggregated record")
+        if len(KPL_MAGIC) + self._body_size + _DIGEST_SIZE + message_size > self._max_size:
+            return False
+        if pk_index is None:
+            pk_index = self._pk_index[partition_key] = new_pk
+            self._pk_table.append(partition_key)
+        header = b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index)
+        if explicit_hash_key is not None:
+            if ehk_index is None:
+                ehk_index = self._ehk_index[explicit_hash_key] = new_ehk
+                self._ehk_table.append(explicit_hash_key)
+            header += b"\x10" + _varint(ehk_index)
+        self._parts.append(header + b"\x1a" + _varint(data_size))
+        self._parts.append(data)
+        self._body_size += message_size
+        self.count += 1
+        return True
+
+    def serialize(self) -> bytes:
+        body = b"".join([
+            *(b"\x0a" + _varint(len(k)) + k for k in self._pk_table),
+            *(b"\x12" + _varint(len(k)) + k for k in self._ehk_table),
+            *self._parts,
+        ])
+        return KPL_MAGIC + body + hashlib.md5(body).digest()
+
 
 # botocore builds client classes at runtime; there is no importable type.
 KinesisClient = Any
@@ -185,8 +268,8 @@ class _Builder:
         self.shard = shard
         self.partition_key = first.partition_key
         # Kinesis counts the outer partition key against the record limit too;
-        # AggRecord only counts its serialised bytes, so give it the rest.
-        self.agg: AggRecord | None = AggRecord(max_bytes - len(first.partition_key.encode("utf-8")))
+        # the KPL record only counts its serialised bytes, so give it the rest.
+        self.agg: KplRecord | None = KplRecord(max_bytes - len(first.partition_key.encode("utf-8")))
         self.first = first
         self.records: list[Record] = []
         # Rows that also have changes in another shard's aggregates.
@@ -201,8 +284,7 @@ class _Builder:
         """Add ``record`` if the aggregate stays within the limit; False if it is full."""
         if self.agg is None or self.closed:
             return False
-        # Keys as bytes: AggRecord then counts repeated keys exactly (with str it
-        # re-counts every key as new) and the protobuf takes UTF-8 bytes as is.
+        # Keys as UTF-8 bytes, as the protobuf carries them.
         hash_key = record.explicit_hash_key
         try:
             added = self.agg.add_user_record(
@@ -226,7 +308,7 @@ class _Builder:
         if self.agg is None:
             data, record_id = first.data, first.record_id
         else:
-            data = self.agg.get_contents()[2]
+            data = self.agg.serialize()
             record_id = first.record_id if len(records) == 1 else (
                 f"{first.record_id}..{last.record_id} ({len(records)} changes)"
             )
@@ -281,16 +363,20 @@ def aggregate(
         else:
             shard = shard_of_key[pk] = shard_map.shard_for(pk)
         key = record.ordering_key
-        previous = last_builder.get(key)
-        crosses = previous is not None and previous.shard.shard_id != shard.shard_id
-        if crosses:
-            assert previous is not None
-            # The aggregate taking this change must wait for the one holding the
-            # row's previous change: close that one now, so it comes first in the
-            # output and no later change can make the two wait for each other.
-            if not previous.closed:
-                close(previous)
-            previous.row_keys.add(key)
+        # Each identity of the change (a key change or a keyless row has several; shared ones are counted
+        # as whole here: at worst two aggregates wait for each other when they need not).
+        parts = [p.key if type(p) is SharedKey else p for p in key] if type(key) is OrderingKeys else (key,)
+        crossing: list[Hashable] = []
+        for part in parts:
+            previous = last_builder.get(part)
+            if previous is not None and previous.shard.shard_id != shard.shard_id:
+                # The aggregate taking this change must wait for the one holding the
+                # row's previous change: close that one now, so it comes first in the
+                # output and no later change can make the two wait for each other.
+                if not previous.closed:
+                    close(previous)
+                previous.row_keys.add(part)
+                crossing.append(part)
 
         builder = open_by_shard.get(shard.shard_id)
         if builder is None or not builder.add(record):
@@ -301,9 +387,9 @@ def aggregate(
                 out.append(builder)
             else:
                 open_by_shard[shard.shard_id] = builder
-        if crosses:
-            builder.row_keys.add(key)
-        last_builder[key] = builder
+        builder.row_keys.update(crossing)
+        for part in parts:
+            last_builder[part] = builder
 
     # What is still open depends only on closed aggregates: any order is safe;
     # first-change order keeps the output close to the input.
