@@ -84,12 +84,15 @@ class KplRecord:
 
     def add_user_record(self, partition_key: bytes, data: bytes, explicit_hash_key: bytes | None = None) -> bool:
         """Add a user record if it fits: False when the record is full; ValueError if it can never fit."""
-        message_size = 0
         pk_index = self._pk_index.get(partition_key)
         if pk_index is None:
             new_pk = len(self._pk_table)
-            message_size += 1 + _varint_size(len(partition_key)) + len(partition_key)
-        inner = 1 + _varint_size(new_pk if pk_index is None else pk_index)
+            size = len(partition_key)
+            message_size = 2 + size if size < 0x80 else 1 + _varint_size(size) + size
+            inner = 2 if new_pk < 0x80 else 1 + _varint_size(new_pk)
+        else:
+            message_size = 0
+            inner = 2 if pk_index < 0x80 else 1 + _varint_size(pk_index)
         ehk_index = None
         if explicit_hash_key is not None:
             ehk_index = self._ehk_index.get(explicit_hash_key)
@@ -98,23 +101,25 @@ class KplRecord:
                 message_size += 1 + _varint_size(len(explicit_hash_key)) + len(explicit_hash_key)
             inner += 1 + _varint_size(new_ehk if ehk_index is None else ehk_index)
         data_size = len(data)
-        inner += 1 + _varint_size(data_size) + data_size
-        message_size += 1 + _varint_size(inner) + inner
+        inner += (2 if data_size < 0x80 else 3 if data_size < 0x4000 else 1 + _varint_size(data_size)) + data_size
+        message_size += (2 if inner < 0x80 else 3 if inner < 0x4000 else 1 + _varint_size(inner)) + inner
         if message_size > self._max_size:
             raise ValueError(f"user record of {message_size} bytes too big for an aggregated record")
-        if len(KPL_MAGIC) + self._body_size + _DIGEST_SIZE + message_size > self._max_size:
+        if 20 + self._body_size + message_size > self._max_size:  # 20: len(KPL_MAGIC) + _DIGEST_SIZE
             return False
         if pk_index is None:
             pk_index = self._pk_index[partition_key] = new_pk
             self._pk_table.append(partition_key)
-        header = b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index)
-        if explicit_hash_key is not None:
+        parts = self._parts
+        if explicit_hash_key is None:
+            parts.append(b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index) + b"\x1a" + _varint(data_size))
+        else:
             if ehk_index is None:
                 ehk_index = self._ehk_index[explicit_hash_key] = new_ehk
                 self._ehk_table.append(explicit_hash_key)
-            header += b"\x10" + _varint(ehk_index)
-        self._parts.append(header + b"\x1a" + _varint(data_size))
-        self._parts.append(data)
+            parts.append(b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index) + b"\x10" + _varint(ehk_index)
+                         + b"\x1a" + _varint(data_size))
+        parts.append(data)
         self._body_size += message_size
         self.count += 1
         return True
@@ -264,31 +269,33 @@ class _Builder:
 
     __slots__ = ("agg", "closed", "first", "partition_key", "records", "row_keys", "shard")
 
-    def __init__(self, shard: Shard, first: Record, max_bytes: int) -> None:
+    def __init__(self, shard: Shard, first: Record, max_bytes: int, first_key: bytes | None = None) -> None:
         self.shard = shard
         self.partition_key = first.partition_key
+        first_key = first.partition_key.encode("utf-8") if first_key is None else first_key
         # Kinesis counts the outer partition key against the record limit too;
         # the KPL record only counts its serialised bytes, so give it the rest.
-        self.agg: KplRecord | None = KplRecord(max_bytes - len(first.partition_key.encode("utf-8")))
+        self.agg: KplRecord | None = KplRecord(max_bytes - len(first_key))
         self.first = first
         self.records: list[Record] = []
         # Rows that also have changes in another shard's aggregates.
         self.row_keys: set[Hashable] = set()
         self.closed = False
-        if not self.add(first):
+        if not self.add(first, first_key):
             self.agg = None  # does not fit in an envelope: sent as a plain record
             self.records.append(first)
             self.closed = True
 
-    def add(self, record: Record) -> bool:
-        """Add ``record`` if the aggregate stays within the limit; False if it is full."""
+    def add(self, record: Record, partition_key: bytes | None = None) -> bool:
+        """Add ``record`` (``partition_key``: its key's UTF-8 bytes) if the aggregate stays within the limit;
+        False if it is full."""
         if self.agg is None or self.closed:
             return False
         # Keys as UTF-8 bytes, as the protobuf carries them.
         hash_key = record.explicit_hash_key
         try:
             added = self.agg.add_user_record(
-                record.partition_key.encode("utf-8"),
+                record.partition_key.encode("utf-8") if partition_key is None else partition_key,
                 record.data,
                 hash_key.encode("ascii") if hash_key is not None else None,
             )
@@ -340,7 +347,7 @@ def aggregate(
     out: list[_Builder] = []  # closed aggregates, in closing order
     open_by_shard: dict[str, _Builder] = {}
     last_builder: dict[Hashable, _Builder] = {}  # where each row's latest change went
-    shard_of_key: dict[str, Shard] = {}  # hot keys repeat: hash each once
+    routes: dict[str, tuple[Shard, bytes]] = {}  # partition key -> its shard and UTF-8 bytes: keys repeat
 
     def close(builder: _Builder) -> None:
         builder.closed = True
@@ -357,37 +364,44 @@ def aggregate(
             )
         pk = record.partition_key
         if record.explicit_hash_key is not None:
-            shard = shard_map.shard_for(pk, record.explicit_hash_key)
-        elif pk in shard_of_key:
-            shard = shard_of_key[pk]
+            shard, pk_bytes = shard_map.shard_for(pk, record.explicit_hash_key), pk.encode("utf-8")
         else:
-            shard = shard_of_key[pk] = shard_map.shard_for(pk)
+            route = routes.get(pk)
+            if route is None:
+                route = routes[pk] = (shard_map.shard_for(pk), pk.encode("utf-8"))
+            shard, pk_bytes = route
         key = record.ordering_key
-        # Each identity of the change (a key change or a keyless row has several; shared ones are counted
-        # as whole here: at worst two aggregates wait for each other when they need not).
-        parts = [p.key if type(p) is SharedKey else p for p in key] if type(key) is OrderingKeys else (key,)
-        crossing: list[Hashable] = []
+        crossing: list[Hashable] | None = None
+        if type(key) is OrderingKeys:
+            # Each identity of the change (a key change or a keyless row has several; shared ones are
+            # counted as whole here: at worst two aggregates wait for each other when they need not).
+            parts: Sequence[Hashable] = [p.key if type(p) is SharedKey else p for p in key]
+        else:
+            parts = (key,)
         for part in parts:
             previous = last_builder.get(part)
-            if previous is not None and previous.shard.shard_id != shard.shard_id:
+            if previous is not None and previous.shard is not shard:
                 # The aggregate taking this change must wait for the one holding the
                 # row's previous change: close that one now, so it comes first in the
                 # output and no later change can make the two wait for each other.
                 if not previous.closed:
                     close(previous)
                 previous.row_keys.add(part)
+                if crossing is None:
+                    crossing = []
                 crossing.append(part)
 
         builder = open_by_shard.get(shard.shard_id)
-        if builder is None or not builder.add(record):
+        if builder is None or not builder.add(record, pk_bytes):
             if builder is not None:
                 close(builder)
-            builder = _Builder(shard, record, max_bytes)
+            builder = _Builder(shard, record, max_bytes, pk_bytes)
             if builder.closed:  # a plain record: nothing else goes with it
                 out.append(builder)
             else:
                 open_by_shard[shard.shard_id] = builder
-        builder.row_keys.update(crossing)
+        if crossing is not None:
+            builder.row_keys.update(crossing)
         for part in parts:
             last_builder[part] = builder
 
