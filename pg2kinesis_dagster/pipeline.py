@@ -156,6 +156,9 @@ class BatchResult:
             "plugin_bytes": self.published.data_bytes,
             "lag_bytes": self.lag_bytes,
             "seconds": round(self.seconds, 3),
+            # Plain records: rows with many changes in the batch, one round trip each (--aggregate avoids it).
+            "hot_rows": [{"row": row, "changes": n} for row, n in self.published.put.hot_rows]
+            if self.published.put is not None else [],
         }
 
 

@@ -531,6 +531,7 @@ def halves_listing() -> list[dict[str, Any]]:
 
 
 def make_sink(client: FakeStream, clock: FakeClock, **kwargs: Any) -> KinesisSink:
+    kwargs.setdefault("max_in_flight", 1)  # the exact retry schedule (concurrency: test_sink_concurrency.py)
     return KinesisSink(client, "orders", sleep=clock.sleep, clock=clock, rng=MaxRng(),  # type: ignore[arg-type]
                        aggregate=True, **kwargs)
 

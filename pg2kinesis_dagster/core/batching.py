@@ -114,6 +114,41 @@ def _slow_record(data: bytes, partition_key: str, ordering_key: Hashable, record
 new_record = _new_record if tuple(Record.__slots__) == _RECORD_FIELDS else _slow_record
 
 
+HOT_ROW_CHANGES = 10  # changes of one row in one put from which it is reported as hot
+
+
+def describe_key(key: Hashable) -> str:
+    """An ordering key for people: ``schema.table:key values``, ``schema.table`` for a whole table."""
+    if isinstance(key, tuple) and len(key) == 4 and key[0] in ("row", "image"):
+        values = key[3]
+        if key[0] == "image":
+            values = tuple(v for _, v in values)
+        return f"{key[1]}.{key[2]}:" + ",".join("NULL" if v is None else str(v) for v in values)
+    if isinstance(key, tuple) and len(key) == 3 and key[0] == "table":
+        return f"{key[1]}.{key[2]}"
+    return str(key)
+
+
+def hot_rows(records: Sequence[Record], limit: int = 5, threshold: int = HOT_ROW_CHANGES) -> list[tuple[str, int]]:
+    """The rows (ordering keys held whole) with the most changes among ``records``, at least ``threshold``.
+
+    Without aggregation each such row costs one PutRecords round trip per change, whatever else runs in
+    parallel: ``threshold`` changes of a row take at least ``threshold`` round trips.
+    """
+    counts: dict[Hashable, int] = {}
+    get = counts.get
+    for record in records:
+        key = record.ordering_key
+        if type(key) is OrderingKeys:
+            for part in key:
+                if type(part) is not SharedKey:
+                    counts[part] = get(part, 0) + 1
+        else:
+            counts[key] = get(key, 0) + 1
+    hot = sorted(((n, k) for k, n in counts.items() if n >= threshold), key=lambda item: -item[0])[:limit]
+    return [(describe_key(k), n) for n, k in hot]
+
+
 def split_at_barriers(records: Sequence[Record]) -> list[Sequence[Record]]:
     """The runs of records to send one after another: each barrier alone, the rest between barriers."""
     segments: list[Sequence[Record]] = []
@@ -161,7 +196,11 @@ def check_record(record: Record) -> None:
         )
 
 
-def next_request(pending: Sequence[Record]) -> list[int]:
+# States of the records of one put (``next_request``'s ``states``).
+WAITING, IN_FLIGHT, DONE = 0, 1, 2
+
+
+def next_request(pending: Sequence[Record], states: Sequence[int] | None = None, start: int = 0) -> list[int]:
     """Indexes (ascending) of the ``pending`` records to send in the next PutRecords call.
 
     ``pending`` holds the unacknowledged records in input order. A record is
@@ -173,12 +212,21 @@ def next_request(pending: Sequence[Record]) -> list[int]:
     :func:`check_record`; the first pending record is then always chosen, so
     every call makes progress. Work is O(len(pending)) at worst and stops as
     soon as the request is full.
+
+    With ``states`` (one per record, from ``start`` on) several requests can be in flight: a ``DONE`` record
+    (acknowledged) is ignored, an ``IN_FLIGHT`` one (sent, not yet answered) is not sent again but still
+    holds its keys, so nothing of its row goes before it is acknowledged; only ``WAITING`` ones are chosen.
+    The result may then be empty (everything sendable is in flight).
     """
     chosen: list[int] = []
     blocked: set[Hashable] = set()  # keys held by an earlier pending record
     shared: set[Hashable] = set()  # keys shared (SharedKey) by an earlier pending record
     total = 0
-    for index, record in enumerate(pending):
+    for index in range(start, len(pending)):
+        state = WAITING if states is None else states[index]
+        if state == DONE:
+            continue
+        record = pending[index]
         key = record.ordering_key
         if type(key) is OrderingKeys:
             # Several keys: wait if any conflicts with an earlier record; either way take them all.
@@ -193,10 +241,14 @@ def next_request(pending: Sequence[Record]) -> list[int]:
             if waits:
                 continue
         else:
-            if key in blocked or key in shared:
+            if key in blocked:
                 continue
-            # Whether or not it fits, later records of this key must wait for it.
+            # Whether or not it is sent now, later records of this key must wait for it.
             blocked.add(key)
+            if key in shared:  # an earlier record shares it: wait for that one
+                continue
+        if state == IN_FLIGHT:
+            continue
         size = record.size
         if total + size > MAX_REQUEST_BYTES:
             # Request full by bytes: stop instead of hunting for smaller records
