@@ -10,6 +10,8 @@ replication slot on them (created before the backlog, so each sees the same chan
   Rows: the bare ``pg_logical_slot_peek_changes`` fetch into Python; pg2kinesis 0.7.0 (CSVPayload, always
   aggregated; installed by ``scripts/install-pg2kinesis-0.7.0``); ``pg2k --once --aggregate`` with
   CSVPayload and with JSON (full row), straight into moto.
+* **hot row** (``--hot-txns`` x 10): per transaction 5 inserts and 5 updates of one counter row, plain and
+  aggregated behind the 20-30 ms proxy: what a hot row costs without aggregation.
 * **mixed** (``--mixed-txns`` x 100): per transaction 50 inserts and 20 updates of a keyed table and 30
   inserts into a table without a primary key. ``pg2k --once`` with plain records and with ``--aggregate``
   behind a proxy that delays every request 20-30 ms (what a request costs from inside an AWS region,
@@ -91,6 +93,19 @@ def mixed_backlog(conn: Any, txns: int) -> int:
             cur.execute("UPDATE items SET qty = qty + 1 WHERE id BETWEEN %s AND %s", (low, low + updated - 1))
             cur.execute("COMMIT")
     return txns * sum(MIXED_TXN)
+
+
+def hot_backlog(conn: Any, txns: int) -> int:
+    """Per transaction 5 inserts of new rows and 5 updates of one counter row (a hot row)."""
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO counters VALUES (1, 0)")
+        for t in range(txns):
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO visits SELECT i, now() FROM generate_series(%s, %s) i", (t * 5, t * 5 + 4))
+            for _ in range(5):
+                cur.execute("UPDATE counters SET n = n + 1 WHERE id = 1")
+            cur.execute("COMMIT")
+    return txns * 10
 
 
 # -- contenders ----------------------------------------------------------------------------------
@@ -259,6 +274,7 @@ def main() -> int:
     parser.add_argument("--txns", type=int, default=2000)
     parser.add_argument("--txn-size", type=int, default=100)
     parser.add_argument("--mixed-txns", type=int, default=500, help="mixed transactions of 100 changes")
+    parser.add_argument("--hot-txns", type=int, default=100, help="hot-row transactions of 10 changes")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--baseline", default=None, help="also run pg2k of this git commit (\"before\")")
     parser.add_argument("--no-pg2kinesis", action="store_true", help="skip pg2kinesis 0.7.0")
@@ -313,6 +329,14 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
         create_slots(mconn, mixed_slots)
         mixed = mixed_backlog(mconn, args.mixed_txns)
         mconn.close()
+        pg.create_database("hot")
+        hconn = pg.connect("hot")
+        with hconn.cursor() as cur:
+            cur.execute("CREATE TABLE counters (id int PRIMARY KEY, n bigint)")
+            cur.execute("CREATE TABLE visits (id bigint PRIMARY KEY, at timestamptz)")
+        create_slots(hconn, [f"{tag[n]}_{w}" for n in names for w in ("hotplain", "hotagg")])
+        hot = hot_backlog(hconn, args.hot_txns)
+        hconn.close()
         print(f"backlogs: inserts {inserts:,} changes ({args.txns} x {args.txn_size}); mixed {mixed:,} changes "
               f"({args.mixed_txns} x 100: {MIXED_TXN[0]} keyed inserts, {MIXED_TXN[1]} keyed updates, "
               f"{MIXED_TXN[2]} keyless inserts); {time.perf_counter() - t0:.0f}s to generate; {args.shards} shards",
@@ -348,6 +372,13 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
                 results[(name, "agg")] = stack.pg2k(command, "mixed", f"{t}_agg", stream(moto, f"{t}-agg"),
                                                     slow.endpoint_url, mixed, "--aggregate",
                                                     "--message-formatter", "JSON")
+                results[(name, "hotplain")] = stack.pg2k(command, "hot", f"{t}_hotplain",
+                                                         stream(moto_fast, f"{t}-hotplain"), slow_fast.endpoint_url,
+                                                         hot, "--message-formatter", "JSON", moto=moto_fast)
+                results[(name, "hotagg")] = stack.pg2k(command, "hot", f"{t}_hotagg",
+                                                       stream(moto_fast, f"{t}-hotagg"), slow_fast.endpoint_url,
+                                                       hot, "--aggregate", "--message-formatter", "JSON",
+                                                       moto=moto_fast)
                 print(f"{name} done", flush=True)
 
         client = make_kinesis_client(region_name=moto.region, endpoint_url=moto.endpoint_url,
@@ -364,12 +395,12 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
             stages["mixed, JSON, plain, 20-30 ms, fast moto"] = stage_costs(
                 pg, "mixed", "stages_mixed", slow_client, stream(moto_fast, "stages-mixed"), "JSON", False)
 
-    print_tables(args, names, results, stages, inserts, mixed)
+    print_tables(args, names, results, stages, inserts, mixed, hot)
     return 0
 
 
 def print_tables(args: argparse.Namespace, names: list[str], results: dict[tuple[str, str], Outcome],
-                 stages: dict[str, dict[str, float]], inserts: int, mixed: int) -> None:
+                 stages: dict[str, dict[str, float]], inserts: int, mixed: int, hot: int) -> None:
     def cell(outcome: Outcome | None) -> str:
         if outcome is None:
             return "—"
@@ -392,6 +423,10 @@ def print_tables(args: argparse.Namespace, names: list[str], results: dict[tuple
         ("mixed: plain, 20-30 ms proxy, moto --fast (O(1) per record)", None,
          {n: results[(n, "plainfast")] for n in names}, ">= 5,000/s"),
         ("mixed: --aggregate, 20-30 ms proxy", None, {n: results[(n, "agg")] for n in names}, ">= 15,000/s"),
+        (f"hot row {hot:,} (half the changes on one row): plain, 20-30 ms, moto --fast", None,
+         {n: results[(n, "hotplain")] for n in names}, "(measured)"),
+        ("hot row: --aggregate, 20-30 ms, moto --fast", None, {n: results[(n, "hotagg")] for n in names},
+         "(measured)"),
     ]
     print()
     header = ["workload", "pg2kinesis 0.7.0", *names, f"{now} vs pg2kinesis", f"{now} vs bare", "target"]

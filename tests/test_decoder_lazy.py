@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pg2kinesis_dagster.core.changes import Change, LazyChange, SlotRow, Transaction
@@ -41,6 +41,9 @@ def test_key_from_raw_text_equals_extract_pk_of_the_parsed_images(case: tuple[li
     rows, _ = case
     lazy, eager = _changes(rows, True), _changes(rows, False)
     for fresh, parsed in zip(lazy, eager, strict=True):
+        # A table's column names are unique (pg_attribute's key); the generator may repeat them, where the
+        # key from the raw text takes the first column of a name and the parsed image the last.
+        assume(all(len({c.name for c in image}) == len(image) for image in (parsed.after or (), parsed.before or ())))
         names = sorted({c.name for image in (parsed.after or (), parsed.before or ()) for c in image})
         keys = data.draw(st.lists(st.sampled_from([*names, "no such column"]), min_size=1, max_size=3, unique=True))
         assert extract_pk(fresh, keys) == extract_pk(parsed, keys)

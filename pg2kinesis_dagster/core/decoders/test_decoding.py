@@ -341,7 +341,10 @@ class _Pending:
         return after, before
 
     def key(self, key_columns: Sequence[str]) -> dict[str, str | None] | None:
-        """extract_pk() on the raw text: the key image's columns are scanned only up to the last key column."""
+        """extract_pk() on the raw text: the key image's columns are scanned only up to the last key column.
+
+        Column names are unique in a table (pg_attribute's key), so the first column of a name is the one.
+        """
         image = self.after if self.after is not None else self.before
         if image is None:
             return None
