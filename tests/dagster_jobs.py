@@ -10,10 +10,11 @@ import os
 
 from dagster import Definitions, JobDefinition
 
+from pg2kinesis_dagster.core.window import FormattedWindow, PublishedWindow
 from pg2kinesis_dagster.defs import build_resources
 from pg2kinesis_dagster.defs.jobs import build_replicate_job
 from pg2kinesis_dagster.defs.resources import ReplicationResource
-from pg2kinesis_dagster.pipeline import FormattedBatch, PublishedBatch, Replicator
+from pg2kinesis_dagster.pipeline import Replicator
 
 FAIL_PUBLISH_FILE = "PG2K_TEST_FAIL_PUBLISH_FILE"
 
@@ -26,10 +27,10 @@ class FailingPublishReplication(ReplicationResource):
         publish = replicator.publish
         marker = os.environ.get(FAIL_PUBLISH_FILE, "")
 
-        def failing_publish(formatted: FormattedBatch) -> PublishedBatch:
+        def failing_publish(formatted: FormattedWindow, **kwargs: object) -> PublishedWindow:
             if marker and os.path.exists(marker):
                 raise RuntimeError("injected failure in publish")
-            return publish(formatted)
+            return publish(formatted, **kwargs)  # type: ignore[arg-type]
 
         replicator.publish = failing_publish  # type: ignore[method-assign]
         return replicator

@@ -75,7 +75,7 @@ def test_least_privilege_role_runs_the_whole_pipeline(
     ledger = run_sample_workload(pg_conn, transactions=60, seed=71)
     drained = run_once(args, tmp_path, "drain", env=env)
     assert drained.poll() == 0, drained.stderr
-    assert json.loads(drained.stdout.strip().splitlines()[-1])["batches"] > 1
+    assert json.loads(drained.stdout.strip().splitlines()[-1])["windows"] > 1
     # Primary keys came from the catalogs (pk objects are checked against the ledger).
     assert_no_loss_no_reordering(check_against_ledger(read_json(moto_server, kinesis_stream), ledger),
                                  max_duplicates=0)
