@@ -74,7 +74,8 @@ def summarize_checkpoints(metadata: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_daily_summary(start_date: str) -> Any:
-    partitions = DailyPartitionsDefinition(start_date=start_date, timezone="UTC")
+    # end_offset=1: today is a partition too (partial until the day ends; the schedule redoes yesterday).
+    partitions = DailyPartitionsDefinition(start_date=start_date, timezone="UTC", end_offset=1)
 
     @asset(
         name=SUMMARY_ASSET,
