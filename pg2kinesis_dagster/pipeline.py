@@ -49,7 +49,9 @@ from pg2kinesis_dagster.core.window import (
     PublishedWindow,
     PutTotals,
     RecordChunk,
+    TransactionProgress,
     WindowBudget,
+    change_index,
 )
 from pg2kinesis_dagster.kinesis.sink import KinesisSink
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
@@ -423,6 +425,10 @@ class Replicator:
         self.prepare()
         spool, formatted = self._records_of(formatted)
         confirmed = self._confirmed()
+        # An open transaction's records acknowledged before a crash (a transaction larger than a chunk).
+        progress = self.spool.read_progress(self.spool_key)
+        if progress is not None and confirmed is not None and progress.commit_lsn <= confirmed:
+            progress = None
         totals = PutTotals()
         for info in formatted.chunks:
             if (
@@ -433,7 +439,7 @@ class Replicator:
                 totals = replace(totals, skipped_records=totals.skipped_records + info.records)
                 continue
             chunk = spool.read_record_chunk(info.index)
-            records = chunk.after(confirmed)
+            records = chunk.after(confirmed, progress)
             totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
             if records:
                 try:
@@ -456,6 +462,20 @@ class Replicator:
                 totals = replace(totals, checkpoints=totals.checkpoints + 1)
                 if on_checkpoint is not None:
                     on_checkpoint(advanced)
+            # The chunk ends inside a transaction that is not checkpointed yet: remember how far it got.
+            last = chunk.commit_lsns[-1] if chunk.commit_lsns else None
+            open_txn = last is not None and (confirmed is None or last > confirmed)
+            if open_txn:
+                acked = change_index(chunk.records[-1])
+                if progress is not None and progress.commit_lsn == last:
+                    acked = max(acked, progress.acked_index)  # skipped records were acknowledged before
+                reached = TransactionProgress(last, acked)  # type: ignore[arg-type]
+                if reached != progress:
+                    progress = reached
+                    self.spool.write_progress(self.spool_key, progress)
+            elif progress is not None:
+                progress = None
+                self.spool.write_progress(self.spool_key, None)
                 if should_stop is not None and should_stop() and confirmed != formatted.window.advance_to:
                     return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed, stopped=True)
         return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed)

@@ -5,6 +5,7 @@ spool is gone (a new pod, a cleaned disk, another machine) is simply read again 
 
     <root>/<slot key>/<window id>/rows-000000.pkl ...     rows.json       written by peek
                                   records-000000.pkl ...  records.json    written by format
+    <root>/<slot key>/progress.json                                       written by publish
 
 The slot key is the slot's name plus a digest of the server and database: slot names are only unique
 per PostgreSQL cluster, and one machine may replicate several.
@@ -31,9 +32,11 @@ from typing import Any
 from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import SlotRow
 from pg2kinesis_dagster.core.errors import ConfigError
-from pg2kinesis_dagster.core.window import RecordChunk
+from pg2kinesis_dagster.core.window import RecordChunk, TransactionProgress
 
 ROWS_MANIFEST = "rows.json"
+# Per slot: how far the records of a transaction larger than a chunk were acknowledged.
+PROGRESS_FILE = "progress.json"
 RECORDS_MANIFEST = "records.json"
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -258,6 +261,27 @@ class Spool:
         if not folder.is_dir():
             return []
         return [WindowSpool(p) for p in sorted(folder.iterdir()) if p.is_dir()]
+
+    def read_progress(self, slot: str) -> TransactionProgress | None:
+        """The slot's open-transaction progress (see :class:`TransactionProgress`), if any."""
+        data = _read_json(self._slot_dir(slot) / PROGRESS_FILE)
+        try:
+            return TransactionProgress.from_dict(data) if data else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def write_progress(self, slot: str, progress: TransactionProgress | None) -> None:
+        """Remember (or, with None, forget) how far an open transaction was acknowledged.
+
+        Written after Kinesis acknowledged those records, so it never claims more than was sent; a
+        lost file only means more duplicates, never a loss.
+        """
+        path = self._slot_dir(slot) / PROGRESS_FILE
+        if progress is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(path, progress.to_dict())
 
     def remove_others(self, slot: str, keep: str) -> int:
         """Remove every window of ``slot`` but ``keep``: a new window starts at the slot's position, so an

@@ -12,7 +12,7 @@ rows or records, which live in the spool (a cache on local disk that the slot ca
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -208,6 +208,30 @@ class PublishedWindow:
         )
 
 
+def change_index(record: Record) -> int:
+    """A record's change index in its transaction, from its id ``<commit LSN>:<index>``."""
+    return int(record.record_id.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class TransactionProgress:
+    """How far the records of a transaction the slot has not passed yet were acknowledged.
+
+    A transaction larger than a chunk is published over several chunks before its commit can be
+    checkpointed; this remembers the acknowledged part, so that a crash does not send it all again.
+    """
+
+    commit_lsn: int
+    acked_index: int  # every record of the transaction up to this change index is acknowledged
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransactionProgress:
+        return cls(int(data["commit_lsn"]), int(data["acked_index"]))
+
+
 @dataclass
 class RecordChunk:
     """Records of one chunk with each record's commit LSN (what a rerun compares with the slot)."""
@@ -222,16 +246,25 @@ class RecordChunk:
         self.commit_lsns.append(commit_lsn)
         self.record_bytes += record.size
 
-    def after(self, confirmed_lsn: int | None) -> list[Record]:
+    def after(self, confirmed_lsn: int | None, progress: TransactionProgress | None = None) -> list[Record]:
         """The records still to send when the slot already stands at ``confirmed_lsn``.
 
         The slot only ever moves to a commit whose every record was acknowledged, so the records of
-        transactions committed at or before it are in Kinesis already.
+        transactions committed at or before it are in Kinesis already; so are the records of the open
+        transaction that ``progress`` says were acknowledged.
         """
-        if confirmed_lsn is None:
-            return self.records
         # Records are in commit order: the commit LSNs never decrease.
-        return self.records[bisect_right(self.commit_lsns, confirmed_lsn):]
+        start = 0 if confirmed_lsn is None else bisect_right(self.commit_lsns, confirmed_lsn)
+        records = self.records[start:]
+        if progress is None or (confirmed_lsn is not None and progress.commit_lsn <= confirmed_lsn):
+            return records
+        lsns = self.commit_lsns[start:]
+        first, end = bisect_left(lsns, progress.commit_lsn), bisect_right(lsns, progress.commit_lsn)
+        # A transaction's records are in change order, so the acknowledged ones come first.
+        done = first
+        while done < end and change_index(records[done]) <= progress.acked_index:
+            done += 1
+        return records[:first] + records[done:] if done > first else records
 
     def info(self, index: int) -> RecordChunkInfo:
         return RecordChunkInfo(
