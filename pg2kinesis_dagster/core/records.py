@@ -85,64 +85,73 @@ class RecordBuilder:
 
     def build(self, transactions: Iterable[Transaction]) -> tuple[list[Record], BatchStats]:
         records: list[Record] = []
-        append = records.append
         stats = BatchStats()
+        for txn in transactions:
+            self.add(txn, records, stats)
+        return records, stats
+
+    def add(self, txn: Transaction, records: list[Record], stats: BatchStats) -> None:
+        """Append the records of one transaction, or of one part of it, to ``records``; count into ``stats``.
+
+        A transaction decoded in parts is counted once, with its last part.
+        """
+        append = records.append
         fmt = self.formatter.format
         change_filter = self.change_filter
         accepts = change_filter.accepts if change_filter != _ACCEPT_ALL else None
         truncate_oversized = self.oversized is OversizedPolicy.TRUNCATE
         by_row = self.partition_by is PartitionBy.ROW
-        # Per table, looked up once per build: (key columns or None, "schema.table").
+        # Per table, looked up once per transaction: (key columns or None, "schema.table").
         tables: dict[tuple[str, str], tuple[tuple[str, ...] | None, str]] = {}
         by_table_op: Counter[tuple[str, str]] = Counter()
-        commit_lsn, commit_text = -1, ""  # the record ids' commit LSN text, computed once per transaction
+        commit_lsn, commit_text = -1, ""  # the record ids' commit LSN text, computed once per commit
         record_bytes = 0
+        published = len(records)
         truncate = Operation.TRUNCATE
-        for txn in transactions:
+        if not txn.partial:
             stats.transactions += 1
-            stats.changes += len(txn.changes)
-            for change in txn.changes:
-                if accepts is not None and not accepts(change):
-                    stats.filtered += 1
+        stats.changes += len(txn.changes)
+        for change in txn.changes:
+            if accepts is not None and not accepts(change):
+                stats.filtered += 1
+                continue
+            name = (change.schema, change.table)
+            table = tables.get(name)
+            if table is None:
+                table = tables[name] = (self.key_lookup(*name), f"{name[0]}.{name[1]}")
+            key_columns, qualified = table
+            if key_columns:
+                pk = change.pk = extract_pk(change, key_columns)
+            else:
+                pk = None
+                stats.no_key_changes += 1
+                stats.no_key_tables.add(qualified)
+                if self.no_key_policy is NoKeyPolicy.SKIP:
+                    stats.skipped_no_key += 1
                     continue
-                name = (change.schema, change.table)
-                table = tables.get(name)
-                if table is None:
-                    table = tables[name] = (self.key_lookup(*name), f"{name[0]}.{name[1]}")
-                key_columns, qualified = table
-                if key_columns:
-                    pk = change.pk = extract_pk(change, key_columns)
-                else:
-                    pk = None
-                    stats.no_key_changes += 1
-                    stats.no_key_tables.add(qualified)
-                    if self.no_key_policy is NoKeyPolicy.SKIP:
-                        stats.skipped_no_key += 1
-                        continue
-                if by_row and pk and len(pk) == 1 and (value := next(iter(pk.values()))) is not None \
-                        and len(qualified) + len(value) < MAX_PARTITION_KEY_CHARS:
-                    key = f"{qualified}:{value}"  # partition_key()'s result, without its general path
-                else:
-                    key = partition_key(change, self.partition_by, self.partition_constant)
-                if truncate_oversized:
-                    data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
-                                                 protected=key_columns or ())
-                    stats.truncated_records += bool(truncated)
-                else:
-                    data = fmt(change)
-                if change.commit_lsn != commit_lsn:
-                    commit_lsn = change.commit_lsn
-                    commit_text = format_lsn(commit_lsn)
-                op = change.op
-                # A TRUNCATE empties the whole table: it must stay after and before every row change.
-                append(new_record(data, key, ordering_key(change, key_columns or ()),
-                                  f"{commit_text}:{change.index}", op is truncate))
-                record_bytes += len(data)
-                by_table_op[(qualified, op.value)] += 1
-        stats.published = len(records)
-        stats.record_bytes = record_bytes
+            if by_row and pk and len(pk) == 1 and (value := next(iter(pk.values()))) is not None \
+                    and len(qualified) + len(value) < MAX_PARTITION_KEY_CHARS:
+                key = f"{qualified}:{value}"  # partition_key()'s result, without its general path
+            else:
+                key = partition_key(change, self.partition_by, self.partition_constant)
+            if truncate_oversized:
+                data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
+                                             protected=key_columns or ())
+                stats.truncated_records += bool(truncated)
+            else:
+                data = fmt(change)
+            if change.commit_lsn != commit_lsn:
+                commit_lsn = change.commit_lsn
+                commit_text = format_lsn(commit_lsn)
+            op = change.op
+            # A TRUNCATE empties the whole table: it must stay after and before every row change.
+            append(new_record(data, key, ordering_key(change, key_columns or ()),
+                              f"{commit_text}:{change.index}", op is truncate))
+            record_bytes += len(data)
+            by_table_op[(qualified, op.value)] += 1
+        stats.published += len(records) - published
+        stats.record_bytes += record_bytes
         stats.by_table_op.update({f"{table} {op}": n for (table, op), n in by_table_op.items()})
-        return records, stats
 
 
 _ACCEPT_ALL = ChangeFilter()

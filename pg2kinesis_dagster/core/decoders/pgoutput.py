@@ -215,6 +215,18 @@ class PgOutputDecoder:
 
     # -- transactions --------------------------------------------------------------------
 
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, bytes | bytearray | memoryview) and bytes(data[:1]) == b"C"
+
+    def commit_time(self, data: str | bytes) -> str | None:
+        """The commit time a Commit message carries, as :meth:`decode` stamps it."""
+        try:
+            return format_commit_time(_COMMIT.unpack_from(data, 1)[3], self._tz)  # type: ignore[arg-type]
+        except (struct.error, TypeError) as exc:
+            raise DecodeError(f"malformed pgoutput Commit message ({exc})", text=data) from None
+
     def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 

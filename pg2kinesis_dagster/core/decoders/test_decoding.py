@@ -132,6 +132,19 @@ class TestDecodingDecoder:
         self._tables: dict[str, tuple[str, str]] = {}
         self.lazy_images = lazy_images
 
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, str) and data.startswith("COMMIT")
+
+    @staticmethod
+    def commit_time(data: str | bytes) -> str | None:
+        """The commit time a commit row carries, as :meth:`decode` stamps it."""
+        m = _COMMIT.fullmatch(data) if isinstance(data, str) else None
+        if m is None:
+            raise DecodeError("malformed COMMIT line", text=data)
+        return m.group(2)
+
     def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 

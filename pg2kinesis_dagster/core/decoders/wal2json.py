@@ -134,6 +134,18 @@ class Wal2JsonDecoder:
 
     # -- transactions --------------------------------------------------------------------
 
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, str) and '"action":"C"' in data[:40]
+
+    def commit_time(self, data: str | bytes) -> str | None:
+        """The commit time a commit document carries, as :meth:`decode` stamps it."""
+        try:
+            return self._json.decode(data).get("timestamp")  # type: ignore[arg-type]
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DecodeError(f"invalid wal2json commit document ({exc})", text=data) from None
+
     def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
