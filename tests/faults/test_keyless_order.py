@@ -115,7 +115,7 @@ def test_keyless_tables_keep_their_ordering_rule_under_failing_requests(
     records = read_json(moto_server, kinesis_stream)
     report = check_against_ledger(records, ledger)
     inversions = keyless_insert_inversions(records)
-    report_line("keyless_order", {"batches": result.batches, "proxy": counts, "keyless_insert_inversions": inversions,
+    report_line("keyless_order", {"windows": result.windows, "proxy": counts, "keyless_insert_inversions": inversions,
                                   **report.as_dict()})
     assert counts.get("entry_ProvisionedThroughputExceededException", 0) + counts.get("entry_InternalFailure", 0) > 0
     assert not monitor.backwards
