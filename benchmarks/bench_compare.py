@@ -46,7 +46,7 @@ from aws_kinesis_agg.deaggregator import iter_deaggregate_records
 
 from pg2kinesis_dagster.core.changes import parse_lsn
 from pg2kinesis_dagster.core.decoders import TestDecodingDecoder
-from pg2kinesis_dagster.core.formats import make_formatter
+from pg2kinesis_dagster.core.formats import make_formatter, needs_row_images
 from pg2kinesis_dagster.core.records import RecordBuilder
 from pg2kinesis_dagster.devstack.latency import LatencyProxy
 from pg2kinesis_dagster.devstack.moto import MotoServer
@@ -222,8 +222,9 @@ def stage_costs(pg: PostgresServer, db: str, slot: str, client: Any, stream: str
     """µs per change of each stage of our core, run one after another on the whole backlog."""
     settings = PostgresSettings(host=pg.host, port=pg.port, dbname=db, user="postgres")
     keys = {name: key.key_columns for name, key in load_table_keys(settings).items()}
-    decoder = TestDecodingDecoder()
-    builder = RecordBuilder(formatter=make_formatter(formatter), key_lookup=lambda s, t: keys.get((s, t)))
+    fmt = make_formatter(formatter)
+    decoder = TestDecodingDecoder(lazy_images=not needs_row_images(fmt))  # as the pipeline sets it up
+    builder = RecordBuilder(formatter=fmt, key_lookup=lambda s, t: keys.get((s, t)))
     conn = pg.connect(db, autocommit=False)
     times: dict[str, float] = {}
 

@@ -90,15 +90,16 @@ _RECORD_FIELDS = ("data", "partition_key", "ordering_key", "record_id", "explici
 
 
 def _new_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
-                barrier: bool = False) -> Record:
-    """``Record(data, partition_key, ordering_key, record_id, barrier=barrier)`` without the frozen dataclass's
-    __init__ (each field through object.__setattr__): the record builder makes one per change."""
+                barrier: bool = False, explicit_hash_key: str | None = None) -> Record:
+    """``Record(data, partition_key, ordering_key, record_id, explicit_hash_key, barrier)`` without the frozen
+    dataclass's __init__ (each field through object.__setattr__): one is made per change, and again per change
+    read back from the spool."""
     record = _object_new(Record)
     _set_data(record, data)
     _set_partition_key(record, partition_key)
     _set_ordering_key(record, ordering_key)
     _set_record_id(record, record_id)
-    _set_explicit_hash_key(record, None)
+    _set_explicit_hash_key(record, explicit_hash_key)
     _set_barrier(record, barrier)
     _set_size(record, len(data) + (len(partition_key) if partition_key.isascii() else
                                    len(partition_key.encode("utf-8"))))
@@ -106,8 +107,8 @@ def _new_record(data: bytes, partition_key: str, ordering_key: Hashable, record_
 
 
 def _slow_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
-                 barrier: bool = False) -> Record:
-    return Record(data, partition_key, ordering_key, record_id, barrier=barrier)
+                 barrier: bool = False, explicit_hash_key: str | None = None) -> Record:
+    return Record(data, partition_key, ordering_key, record_id, explicit_hash_key, barrier)
 
 
 # The fast constructor only while Record has exactly these slots (else the constructor, slower but right).
