@@ -126,12 +126,14 @@ class ReplicationSlot:
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None and not self._conn.closed:
+        conn = self._conn
+        if conn is not None and not conn.closed:
             if self._locked:
                 # Released before the session ends, so the next run (already waiting) gets it at once.
                 with contextlib.suppress(Exception):  # the session is going anyway; its end releases the lock
                     self._query("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.name))
-            self._conn.close()
+            # The unlock may have found the connection lost, and closed it (and dropped self._conn) already.
+            conn.close()
         self._conn = None
         self._locked = False
 
