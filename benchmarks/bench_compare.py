@@ -280,6 +280,8 @@ def main() -> int:
     parser.add_argument("--baseline", default=None, help="also run pg2k of this git commit (\"before\")")
     parser.add_argument("--no-pg2kinesis", action="store_true", help="skip pg2kinesis 0.7.0")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per contender run")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each direct-to-moto contender, interleaved; the best is shown (noisy machines)")
     args = parser.parse_args()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_EC2_METADATA_DISABLED": "true"}
@@ -307,7 +309,9 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
         pg2kinesis_python: Path | None) -> int:
     names = [name for name, _ in contenders]
     tag = {name: f"c{i}" for i, name in enumerate(names)}
-    with PostgresServer() as pg, MotoServer() as moto, MotoServer(fast=True) as moto_fast:
+    reps = range(max(1, args.repeat))
+    with PostgresServer(settings={"max_replication_slots": 64, "max_wal_senders": 64}) as pg, MotoServer() as moto, \
+            MotoServer(fast=True) as moto_fast:
         stack = Stack(pg, moto, moto_fast, args.timeout, env)
         # Slots first, then the backlogs: every slot sees the same changes.
         pg.create_database("bench")
@@ -315,8 +319,8 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
         conn = pg.connect("bench")
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE bench (id bigint PRIMARY KEY, qty int, label text, updated_at timestamptz)")
-        insert_slots = ["bare", "pg2kinesis", "stages_csv", "stages_json",
-                        *(f"{tag[n]}_{w}" for n in names for w in ("csv", "json"))]
+        insert_slots = ["bare", "stages_csv", "stages_json", *(f"pg2kinesis_{r}" for r in reps),
+                        *(f"{tag[n]}_{w}_{r}" for n in names for w in ("csv", "json") for r in reps)]
         create_slots(conn, insert_slots)
         t0 = time.perf_counter()
         inserts = inserts_backlog(conn, args.txns, args.txn_size)
@@ -350,26 +354,38 @@ def run(args: argparse.Namespace, env: dict[str, str], contenders: list[tuple[st
         results: dict[tuple[str, str], Outcome] = {}
         results[("bare", "fetch")] = bare_fetch(pg, "bench", "bare")
         print("bare fetch done", flush=True)
+        def best(key: tuple[str, str], outcome: Outcome) -> None:
+            known = results.get(key)
+            if known is None or (outcome.rate > known.rate) or (known.error and not outcome.error):
+                results[key] = outcome
+
+        # Direct to moto: every contender in turn, ``--repeat`` times, so that a burst of load elsewhere on
+        # the machine hits them alike; the best run of each is shown.
+        for r in reps:
+            if pg2kinesis_python is not None:
+                best(("pg2kinesis", "csv"), stack.pg2kinesis(pg2kinesis_python, "bench", f"pg2kinesis_{r}",
+                                                             stream(moto, f"pg2kinesis-{r}"), inserts))
+            for name, command in contenders:
+                t = tag[name]
+                best((name, "csv"), stack.pg2k(command, "bench", f"{t}_csv_{r}", stream(moto, f"{t}-csv-{r}"),
+                                               moto.endpoint_url, inserts, "--aggregate",
+                                               "--message-formatter", "CSVPayload"))
+                best((name, "json"), stack.pg2k(command, "bench", f"{t}_json_{r}", stream(moto, f"{t}-json-{r}"),
+                                                moto.endpoint_url, inserts, "--aggregate",
+                                                "--message-formatter", "JSON"))
+            print(f"direct round {r + 1} done", flush=True)
         if pg2kinesis_python is not None:
-            results[("pg2kinesis", "csv")] = stack.pg2kinesis(pg2kinesis_python, "bench", "pg2kinesis",
-                                                              stream(moto, "pg2kinesis"), inserts)
             results[("pg2kinesis", "mixed")] = stack.pg2kinesis(pg2kinesis_python, "mixed", "pg2kinesis_mixed",
                                                                 stream(moto, "pg2kinesis-mixed"), mixed)
-            print("pg2kinesis done", flush=True)
         with LatencyProxy(moto.endpoint_url, seed=1) as slow, LatencyProxy(moto_fast.endpoint_url, seed=2) as slow_fast:
             for name, command in contenders:
                 t = tag[name]
-                results[(name, "csv")] = stack.pg2k(command, "bench", f"{t}_csv", stream(moto, f"{t}-csv"),
-                                                    moto.endpoint_url, inserts, "--aggregate",
-                                                    "--message-formatter", "CSVPayload")
-                results[(name, "json")] = stack.pg2k(command, "bench", f"{t}_json", stream(moto, f"{t}-json"),
-                                                     moto.endpoint_url, inserts, "--aggregate",
-                                                     "--message-formatter", "JSON")
                 results[(name, "plain")] = stack.pg2k(command, "mixed", f"{t}_plain", stream(moto, f"{t}-plain"),
                                                       slow.endpoint_url, mixed, "--message-formatter", "JSON")
-                results[(name, "plainfast")] = stack.pg2k(command, "mixed", f"{t}_plainfast",
-                                                          stream(moto_fast, f"{t}-plainfast"), slow_fast.endpoint_url,
-                                                          mixed, "--message-formatter", "JSON", moto=moto_fast)
+                if name == names[-1]:  # (an older commit: its plain figure on stock moto says enough)
+                    results[(name, "plainfast")] = stack.pg2k(
+                        command, "mixed", f"{t}_plainfast", stream(moto_fast, f"{t}-plainfast"),
+                        slow_fast.endpoint_url, mixed, "--message-formatter", "JSON", moto=moto_fast)
                 results[(name, "agg")] = stack.pg2k(command, "mixed", f"{t}_agg", stream(moto, f"{t}-agg"),
                                                     slow.endpoint_url, mixed, "--aggregate",
                                                     "--message-formatter", "JSON")
@@ -411,7 +427,7 @@ def print_tables(args: argparse.Namespace, names: list[str], results: dict[tuple
         return f"{outcome.rate:,.0f}/s ({outcome.seconds:.1f}s{peak})"
 
     bare = results[("bare", "fetch")]
-    ref = results.get(("pg2kinesis", "csv"))
+    ref = results.get(("pg2kinesis", "csv"))  # the best of --repeat runs, as ours
     now = names[-1]
     rows = [
         (f"inserts {inserts:,}: bare pg_logical_slot_peek_changes fetch (changes/s)", None, {now: bare}, ""),
@@ -422,7 +438,7 @@ def print_tables(args: argparse.Namespace, names: list[str], results: dict[tuple
         (f"mixed {mixed:,} (30% keyless): plain, 20-30 ms proxy, stock moto", results.get(("pg2kinesis", "mixed")),
          {n: results[(n, "plain")] for n in names}, ">= 5,000/s"),
         ("mixed: plain, 20-30 ms proxy, moto --fast (O(1) per record)", None,
-         {n: results[(n, "plainfast")] for n in names}, ">= 5,000/s"),
+         {n: results[(n, "plainfast")] for n in names if (n, "plainfast") in results}, ">= 5,000/s"),
         ("mixed: --aggregate, 20-30 ms proxy", None, {n: results[(n, "agg")] for n in names}, ">= 15,000/s"),
         (f"hot row {hot:,} (half the changes on one row): plain, 20-30 ms, moto --fast", None,
          {n: results[(n, "hotplain")] for n in names}, "(measured)"),
