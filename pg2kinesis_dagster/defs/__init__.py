@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dagster import Definitions, EnvVar
 
 from pg2kinesis_dagster import pipeline
-from pg2kinesis_dagster.defs.assets import build_lag_check, primary_key_metadata, replication_checkpoint
+from pg2kinesis_dagster.defs.assets import primary_key_metadata, replication_checkpoint
 from pg2kinesis_dagster.defs.automation import build_schedule, build_sensor
 from pg2kinesis_dagster.defs.jobs import build_replicate_job
+from pg2kinesis_dagster.defs.operating import build_operating_definitions
 from pg2kinesis_dagster.defs.resources import (
     KinesisResource,
     PostgresResource,
@@ -80,18 +81,22 @@ def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
     env = os.environ if env is None else env
     slot_name = env.get("PG2K_SLOT_NAME", "pg2kinesis")
     job = build_replicate_job(slot_name)
+    # Health checks and their schedule, alerts, key refresh, heartbeat (README: "Operating it").
+    operating = build_operating_definitions(env, slot_name, job.name)
     return Definitions(
         assets=[replication_checkpoint, primary_key_metadata],
-        asset_checks=[build_lag_check(int(env.get("PG2K_MAX_LAG_BYTES", str(1024**3))))],
-        jobs=[job],
+        asset_checks=operating.asset_checks,
+        jobs=[job, *operating.jobs],
         sensors=[
             build_sensor(
                 job,
                 default_running=_flag(env, "PG2K_SENSOR_RUNNING"),
                 interval_seconds=int(env.get("PG2K_SENSOR_INTERVAL_SECONDS", "5")),
-            )
+            ),
+            *operating.sensors,
         ],
-        schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name)],
+        schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name),
+                   *operating.schedules],
         resources=build_resources(env),
     )
 
