@@ -1,4 +1,4 @@
-"""What runs the code location for a year: health checks and their schedule, key refresh.
+"""What runs the code location for a year: health checks and their schedule, alerts, key refresh.
 
 :func:`build_operating_definitions` reads the ``PG2K_*`` variables of the README's "Operating it" section
 and returns the definitions that :func:`pg2kinesis_dagster.defs.build_definitions` adds to the location.
@@ -20,8 +20,10 @@ from dagster import (
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from pg2kinesis_dagster.core.health import Thresholds
+from pg2kinesis_dagster.defs.alerts import build_alert_sensor
 from pg2kinesis_dagster.defs.assets import primary_key_metadata
 from pg2kinesis_dagster.defs.health import (
+    HEALTH_JOB,
     build_health_checks,
     build_health_job,
     build_health_schedule,
@@ -29,7 +31,6 @@ from pg2kinesis_dagster.defs.health import (
 
 KEY_METADATA_JOB = "refresh_primary_key_metadata"
 KEY_METADATA_SCHEDULE = "primary_key_metadata_schedule"
-HEARTBEAT_SCHEDULE = "slot_heartbeat_schedule"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -81,5 +82,11 @@ def build_operating_definitions(env: Mapping[str, str], slot_name: str, replicat
         else DefaultScheduleStatus.STOPPED,
         description="Refreshes primary_key_metadata (hourly by default); replication itself reads the catalog "
         "at every run and at each schema change it sees in the stream.",
+    ))
+    operating.sensors.append(build_alert_sensor(
+        env.get("PG2K_ALERT_WEBHOOK_URL") or None,
+        jobs=[replicate_job, HEALTH_JOB, KEY_METADATA_JOB],
+        running=_flag(env, "PG2K_ALERTS_RUNNING", True),
+        interval_seconds=int(_number(env, "PG2K_ALERT_INTERVAL_SECONDS", 30)),
     ))
     return operating
