@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bytes", type=int, default=pipeline.DEFAULT_MAX_BYTES, help="plugin output bytes per batch"
     )
     run.add_argument("--poll-interval", type=float, default=1.0, help="seconds to wait when nothing is pending")
+    run.add_argument(
+        "--key-refresh-seconds", type=float, default=3600.0,
+        help="re-read primary keys from the catalog at least this often (schema changes seen in the stream "
+        "re-read them at once)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log every batch")
     return parser
 
@@ -187,6 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
         recreate_slot=args.recreate_slot,
         oversized=args.oversized,
         typed_json=args.typed_json,
+        key_refresh_seconds=args.key_refresh_seconds,
     )
     return pg, replication
 

@@ -35,6 +35,7 @@ from pg2kinesis_dagster.core.formats import make_formatter
 from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
+from pg2kinesis_dagster.core.schema_keys import SchemaFollowingKeys
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
@@ -69,6 +70,8 @@ class ReplicationSettings:
     oversized: str = "fail"
     # JSON format only: typed values (numbers, booleans, nested JSON, arrays) instead of PostgreSQL's text.
     typed_json: bool = False
+    # Read the catalog's primary keys again at least this often (schema changes in the stream do it at once).
+    key_refresh_seconds: float = 3600.0
 
 
 @contextmanager
@@ -213,11 +216,13 @@ class Replicator:
             publication=settings.publication if settings.output_plugin == "pgoutput" else None,
         )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
+        # Keys as the stream goes: the plugin's own word, or the catalog re-read at each schema change.
+        self.schema_keys = SchemaFollowingKeys(self.keys, max_age_seconds=settings.key_refresh_seconds)
         self.builder = RecordBuilder(
             formatter=make_formatter(
                 settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
             ),
-            key_lookup=self.keys.key_columns,
+            key_lookup=self.schema_keys.key_columns,
             change_filter=ChangeFilter(
                 table_pat=settings.table_pat,
                 exclude_table_pat=settings.exclude_table_pat,
@@ -261,7 +266,7 @@ class Replicator:
 
     def decode(self, peeked: PeekedBatch) -> Iterator[Transaction]:
         try:
-            yield from self.decoder.decode(peeked.rows)
+            yield from self.schema_keys.follow(self.decoder.decode(peeked.rows), self.decoder)
         except DecodeError as exc:
             raise exc.with_slot(peeked.slot) from None
 

@@ -73,6 +73,7 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         max_changes=int(env.get("PG2K_MAX_CHANGES", pipeline.DEFAULT_MAX_CHANGES)),
         max_bytes=int(env.get("PG2K_MAX_BYTES", pipeline.DEFAULT_MAX_BYTES)),
         create_slot=_flag(env, "PG2K_CREATE_SLOT"),
+        key_refresh_seconds=float(env.get("PG2K_KEY_REFRESH_SECONDS") or 3600),
     )
     return {"postgres": postgres, "kinesis": kinesis, "replication": replication}
 

@@ -102,6 +102,9 @@ class ReplicationResource(ConfigurableResource):
     max_changes: int = pipeline.DEFAULT_MAX_CHANGES
     max_bytes: int = pipeline.DEFAULT_MAX_BYTES
     create_slot: bool = False
+    key_refresh_seconds: float = Field(
+        default=3600.0, description="Re-read primary keys from the catalog at least this often (seconds)"
+    )
 
     _replicator: Replicator | None = PrivateAttr(default=None)
 
@@ -123,6 +126,7 @@ class ReplicationResource(ConfigurableResource):
             max_changes=self.max_changes,
             max_bytes=self.max_bytes,
             create_slot=self.create_slot,
+            key_refresh_seconds=self.key_refresh_seconds,
         )
 
     def replicator(self) -> Replicator:
