@@ -1,4 +1,4 @@
-"""What runs the code location for a year: health checks and their schedule, alerts, key refresh.
+"""What runs the code location for a year: health checks and their schedule, alerts, key refresh, heartbeat.
 
 :func:`build_operating_definitions` reads the ``PG2K_*`` variables of the README's "Operating it" section
 and returns the definitions that :func:`pg2kinesis_dagster.defs.build_definitions` adds to the location.
@@ -28,9 +28,11 @@ from pg2kinesis_dagster.defs.health import (
     build_health_job,
     build_health_schedule,
 )
+from pg2kinesis_dagster.defs.heartbeat import build_heartbeat_job
 
 KEY_METADATA_JOB = "refresh_primary_key_metadata"
 KEY_METADATA_SCHEDULE = "primary_key_metadata_schedule"
+HEARTBEAT_SCHEDULE = "slot_heartbeat_schedule"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -82,6 +84,15 @@ def build_operating_definitions(env: Mapping[str, str], slot_name: str, replicat
         else DefaultScheduleStatus.STOPPED,
         description="Refreshes primary_key_metadata (hourly by default); replication itself reads the catalog "
         "at every run and at each schema change it sees in the stream.",
+    ))
+    heartbeat_cron = env.get("PG2K_HEARTBEAT_CRON") or ""
+    heartbeat_job = build_heartbeat_job()
+    operating.jobs.append(heartbeat_job)
+    operating.schedules.append(ScheduleDefinition(
+        name=HEARTBEAT_SCHEDULE, job=heartbeat_job, cron_schedule=heartbeat_cron or "*/5 * * * *",
+        default_status=DefaultScheduleStatus.RUNNING if heartbeat_cron else DefaultScheduleStatus.STOPPED,
+        description="Optional: writes a non-transactional logical message into the replicated database "
+        "(PG2K_HEARTBEAT_CRON turns it on), so the slot always has something to move to.",
     ))
     operating.sensors.append(build_alert_sensor(
         env.get("PG2K_ALERT_WEBHOOK_URL") or None,

@@ -1,0 +1,29 @@
+"""An optional heartbeat: a non-transactional logical message written into the replicated database.
+
+Not needed in general: an idle slot is advanced to the flushed WAL position anyway (the replication sensor
+requests a run once enough idle WAL waits behind it). The heartbeat is for setups where that is not enough --
+a small disk for which waiting for the sensor's idle threshold is too long, or monitoring that expects the
+replicated database itself to produce WAL at a steady pace: each message is a decodable record in this
+database, so the slot sees pending data and the next run moves past it. Every decoder ignores messages, so
+nothing is published for them. Non-transactional: written at once, whatever transaction the session is in,
+and no xid is taken (so it cannot pin restart_lsn).
+"""
+
+from __future__ import annotations
+
+from pg2kinesis_dagster.core.changes import parse_lsn
+from pg2kinesis_dagster.postgres.connection import PostgresSettings
+
+HEARTBEAT_PREFIX = "pg2kinesis.heartbeat"
+
+
+def emit_heartbeat(settings: PostgresSettings, prefix: str = HEARTBEAT_PREFIX) -> int:
+    """Write one heartbeat message; returns its LSN."""
+    conn = settings.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_logical_emit_message(false, %s, now()::text)::text", (prefix,))
+            (lsn,) = cur.fetchone()
+    finally:
+        conn.close()
+    return parse_lsn(lsn)
