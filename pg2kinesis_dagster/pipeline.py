@@ -20,6 +20,7 @@ Each step's output is plain picklable data, so Dagster can persist it between op
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -250,6 +251,8 @@ class Replicator:
         if not self._prepared:
             self.slot.ensure(create=self.settings.create_slot, recreate=self.settings.recreate_slot)
             self.sink.check_stream()
+            # Oversized records are judged (and truncated) against the stream's own limit: 1 MiB unless raised.
+            self.builder = dataclasses.replace(self.builder, max_record_bytes=self.sink.max_record_bytes)
             self._prepared = True
 
     def peek(self, upto_lsn: int | None = None) -> PeekedBatch:
