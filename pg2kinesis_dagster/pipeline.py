@@ -40,6 +40,7 @@ from pg2kinesis_dagster.core.schema_keys import SchemaFollowingKeys
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, PeekedRows, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 
@@ -250,6 +251,11 @@ class Replicator:
         """Check (or create) the slot and the stream before reading anything."""
         if not self._prepared:
             self.slot.ensure(create=self.settings.create_slot, recreate=self.settings.recreate_slot)
+            if self.settings.output_plugin == "wal2json" and plugin_accepts_option(
+                    self.slot, self.decoder.slot_options, WAL2JSON_NUMBERS_AS_STRINGS):
+                # wal2json >= 2.6: numbers as strings keep NaN/Infinity apart from NULL.
+                self.decoder = decoder_for("wal2json", numbers_as_strings=True,
+                                           **decoder_options("wal2json", self.pg))
             self.sink.check_stream()
             # Oversized records are judged (and truncated) against the stream's own limit: 1 MiB unless raised.
             self.builder = dataclasses.replace(self.builder, max_record_bytes=self.sink.max_record_bytes)
