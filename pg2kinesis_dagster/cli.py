@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--table-pat", default=None, help="only tables whose schema.table matches this regex")
     fmt.add_argument("--exclude-table-pat", default=None, help="skip tables whose schema.table matches")
     fmt.add_argument(
+        "--exclude-columns",
+        action="append",
+        default=None,
+        help="columns never published, from every format: schema.table:col,col, entries separated by ';' or "
+        "repeated, e.g. public.users:ssn,password_hash (default: PG2K_EXCLUDE_COLUMNS); key columns cannot be",
+    )
+    fmt.add_argument(
         "--operations",
         action="append",
         default=None,
@@ -193,6 +200,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
         oversized=args.oversized,
         typed_json=args.typed_json,
         key_refresh_seconds=args.key_refresh_seconds,
+        exclude_columns=";".join(args.exclude_columns) if args.exclude_columns
+        else os.environ.get("PG2K_EXCLUDE_COLUMNS") or None,
     )
     return pg, replication
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
+from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
@@ -74,6 +75,8 @@ class ReplicationSettings:
     typed_json: bool = False
     # Read the catalog's primary keys again at least this often (schema changes in the stream do it at once).
     key_refresh_seconds: float = 3600.0
+    # Columns that never leave the database: "schema.table:col,col;..." (core.columns).
+    exclude_columns: str | None = None
 
 
 @contextmanager
@@ -234,6 +237,7 @@ class Replicator:
             partition_constant=settings.partition_key_constant,
             no_key_policy=NoKeyPolicy.parse(settings.no_primary_key),
             oversized=OversizedPolicy.parse(settings.oversized),
+            exclude_columns=ColumnExclusion.parse(settings.exclude_columns),
         )
         self._prepared = False
 
@@ -257,6 +261,9 @@ class Replicator:
                 self.decoder = decoder_for("wal2json", numbers_as_strings=True,
                                            **decoder_options("wal2json", self.pg))
             self.sink.check_stream()
+            if self.builder.exclude_columns:  # a key column named there is refused before anything is read
+                self.builder.exclude_columns.check_catalog(
+                    {name: key.key_columns for name, key in self.keys.tables().items()})
             # Oversized records are judged (and truncated) against the stream's own limit: 1 MiB unless raised.
             self.builder = dataclasses.replace(self.builder, max_record_bytes=self.sink.max_record_bytes)
             self._prepared = True

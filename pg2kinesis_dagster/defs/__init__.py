@@ -74,6 +74,7 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         max_bytes=int(env.get("PG2K_MAX_BYTES", pipeline.DEFAULT_MAX_BYTES)),
         create_slot=_flag(env, "PG2K_CREATE_SLOT"),
         key_refresh_seconds=float(env.get("PG2K_KEY_REFRESH_SECONDS") or 3600),
+        exclude_columns=_opt(env, "PG2K_EXCLUDE_COLUMNS"),
     )
     return {"postgres": postgres, "kinesis": kinesis, "replication": replication}
 

@@ -102,6 +102,9 @@ class ReplicationResource(ConfigurableResource):
     max_changes: int = pipeline.DEFAULT_MAX_CHANGES
     max_bytes: int = pipeline.DEFAULT_MAX_BYTES
     create_slot: bool = False
+    exclude_columns: str | None = Field(
+        default=None, description="Columns never published: schema.table:col,col;... (key columns cannot be)"
+    )
     key_refresh_seconds: float = Field(
         default=3600.0, description="Re-read primary keys from the catalog at least this often (seconds)"
     )
@@ -127,6 +130,7 @@ class ReplicationResource(ConfigurableResource):
             max_bytes=self.max_bytes,
             create_slot=self.create_slot,
             key_refresh_seconds=self.key_refresh_seconds,
+            exclude_columns=self.exclude_columns,
         )
 
     def replicator(self) -> Replicator:
