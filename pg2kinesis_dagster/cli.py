@@ -22,7 +22,7 @@ from pg2kinesis_dagster.core.decoders import supported_plugins
 from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableError
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import BatchResult, ReplicationSettings, Replicator
-from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.postgres.connection import PostgresSettings, mask_passwords
 
 log = logging.getLogger("pg2kinesis")
 
@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
-    pg.add_argument("--pg-dbname", default=None, help="database (default: PGDATABASE)")
+    pg.add_argument(
+        "--pg-dbname", default=None,
+        help="database (default: PGDATABASE); as in libpq, a URI or key=value string here is a connection string "
+        "(the flags below override it)",
+    )
     pg.add_argument("--pg-host", default=None, help="host (default: PGHOST or the local socket)")
     pg.add_argument("--pg-port", type=int, default=None, help="port (default: PGPORT or 5432)")
     pg.add_argument("--pg-user", default=None, help="role (default: PGUSER)")
@@ -237,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    pg: PostgresSettings | None = None
     try:
         pg, replication = settings_from_args(args)
         client = make_kinesis_client(
@@ -248,7 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Replicator(pg, sink, replication) as replicator:
             return _run(replicator, args)
     except Pg2KinesisError as exc:
-        print(f"pg2k: error: {exc}", file=sys.stderr)
+        # Messages never carry a password; masking here covers one given in any connection setting anyway.
+        text = pg.mask(str(exc)) if pg is not None else mask_passwords(str(exc))
+        print(f"pg2k: error: {text}", file=sys.stderr)
         return 1
 
 
