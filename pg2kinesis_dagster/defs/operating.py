@@ -28,11 +28,13 @@ from pg2kinesis_dagster.defs.health import (
     build_health_job,
     build_health_schedule,
 )
-from pg2kinesis_dagster.defs.heartbeat import build_heartbeat_job
+from pg2kinesis_dagster.defs.heartbeat import HEARTBEAT_JOB, build_heartbeat_job
 
 KEY_METADATA_JOB = "refresh_primary_key_metadata"
 KEY_METADATA_SCHEDULE = "primary_key_metadata_schedule"
 HEARTBEAT_SCHEDULE = "slot_heartbeat_schedule"
+# Jobs of this module's schedules: retention (prune_history) deletes their old runs too (a run a minute).
+OPERATING_JOBS = (HEALTH_JOB, KEY_METADATA_JOB, HEARTBEAT_JOB)
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -68,7 +70,9 @@ class OperatingDefinitions:
     sensors: list[SensorDefinition] = field(default_factory=list)
 
 
-def build_operating_definitions(env: Mapping[str, str], slot_name: str, replicate_job: str) -> OperatingDefinitions:
+def build_operating_definitions(
+    env: Mapping[str, str], slot_name: str, replication_jobs: list[str]
+) -> OperatingDefinitions:
     checks = build_health_checks(thresholds_from_env(env))
     health_job = build_health_job(checks, slot_name)
     key_job = define_asset_job(
@@ -96,7 +100,7 @@ def build_operating_definitions(env: Mapping[str, str], slot_name: str, replicat
     ))
     operating.sensors.append(build_alert_sensor(
         env.get("PG2K_ALERT_WEBHOOK_URL") or None,
-        jobs=[replicate_job, HEALTH_JOB, KEY_METADATA_JOB],
+        jobs=[*replication_jobs, HEALTH_JOB, KEY_METADATA_JOB],
         running=_flag(env, "PG2K_ALERTS_RUNNING", True),
         interval_seconds=int(_number(env, "PG2K_ALERT_INTERVAL_SECONDS", 30)),
     ))

@@ -61,12 +61,17 @@ class PostgresSettings:
     password: str | None = field(default=None, repr=False)
     sslmode: str | None = None
     options: dict[str, str] = field(default_factory=dict)
+    # Shown in pg_stat_activity; a Dagster run puts its run id here, which is how a sensor tells a
+    # run that still works on the slot from one whose process died.
+    application_name: str = APPLICATION_NAME
 
     def connect_kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"application_name": APPLICATION_NAME}
+        kwargs: dict[str, object] = {}
         # libpq's rule (PQconnectdbParams with expand_dbname): a database name that is a URI or key=value
-        # string is a connection string. Its settings come after --pg-dsn's; the explicit fields win.
+        # string is a connection string. Its settings come after --pg-dsn's; the explicit fields win (the
+        # application name too: a Dagster run's id is how a sensor tells its sessions).
         kwargs.update(self._expanded_dbname())
+        kwargs["application_name"] = self.application_name
         for name in ("host", "port", "dbname", "user", "password", "sslmode"):
             value = getattr(self, name)
             if name == "dbname" and is_conninfo(value):
@@ -94,7 +99,7 @@ class PostgresSettings:
         """``text`` with every password of these settings (and any password=... / user:password@) masked."""
         return mask_passwords(text, self.secrets())
 
-    def describe(self) -> str:
+    def describe(self, *, with_user: bool = True) -> str:
         """Where we connect, for messages: never the password."""
         params = _parse_conninfo(self.dsn, "--pg-dsn") if self.dsn else {}
         kwargs = {**params, **self.connect_kwargs()}
@@ -102,7 +107,8 @@ class PostgresSettings:
         port = kwargs.get("port") or "(PGPORT or 5432)"
         db = kwargs.get("dbname") or "(PGDATABASE)"
         user = kwargs.get("user") or "(PGUSER)"
-        return self.mask(f"database {db} on {host}:{port} as user {user}")
+        where = f"database {db} on {host}:{port}"
+        return self.mask(f"{where} as user {user}" if with_user else where)
 
     def connect(self, *, autocommit: bool = True) -> psycopg2.extensions.connection:
         kwargs = self.connect_kwargs()
