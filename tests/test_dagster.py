@@ -198,7 +198,7 @@ def test_slot_lag_check(stack_env: dict[str, str], pg_conn) -> None:
                                  instance=instance, raise_on_error=False,
                                  selection=AssetSelection.all_asset_checks())
         assert result.success, [e.message for e in result.all_events if e.is_failure]
-        (evaluation,) = result.get_asset_check_evaluations()
+        (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "slot_lag_within_limit"]
         return evaluation.passed, evaluation.metadata["lag_bytes"].value
 
     defs = build_definitions(stack_env)
