@@ -12,6 +12,7 @@ from enum import Enum
 
 from pg2kinesis_dagster.core.batching import Record, new_record
 from pg2kinesis_dagster.core.changes import Operation, Transaction, format_lsn
+from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.filters import ChangeFilter
 from pg2kinesis_dagster.core.formats import Formatter
@@ -82,6 +83,8 @@ class RecordBuilder:
     # Records over Kinesis's 1 MiB limit: "fail" (the sink rejects the batch) or "truncate" (see core.oversize).
     oversized: OversizedPolicy = OversizedPolicy.FAIL
     max_record_bytes: int = DEFAULT_LIMIT
+    # Columns removed from every image before formatting (--exclude-columns); key columns cannot be.
+    exclude_columns: ColumnExclusion = field(default_factory=ColumnExclusion)
 
     def build(self, transactions: Iterable[Transaction]) -> tuple[list[Record], BatchStats]:
         records: list[Record] = []
@@ -99,6 +102,7 @@ class RecordBuilder:
         fmt = self.formatter.format
         change_filter = self.change_filter
         accepts = change_filter.accepts if change_filter != _ACCEPT_ALL else None
+        exclude = self.exclude_columns.apply if self.exclude_columns else None
         truncate_oversized = self.oversized is OversizedPolicy.TRUNCATE
         by_row = self.partition_by is PartitionBy.ROW
         # Per table, looked up once per transaction: (key columns or None, "schema.table").
@@ -120,6 +124,8 @@ class RecordBuilder:
             if table is None:
                 table = tables[name] = (self.key_lookup(*name), f"{name[0]}.{name[1]}")
             key_columns, qualified = table
+            if exclude is not None:
+                exclude(change, key_columns)
             if key_columns:
                 pk = change.pk = extract_pk(change, key_columns)
             else:

@@ -37,11 +37,13 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from pg2kinesis_dagster.core.batching import (
     DONE,
     IN_FLIGHT,
+    MAX_RECORD_BYTES,
     WAITING,
     Record,
     check_record,
     hot_rows,
     next_request,
+    request_bytes_limit,
     split_at_barriers,
 )
 from pg2kinesis_dagster.core.errors import ConfigError, SinkError
@@ -242,6 +244,14 @@ class KinesisSink:
             raise ConfigError(f"max_in_flight must be at least 1, not {max_in_flight}")
         # PutRecords requests sent before the earlier ones are answered (1: one at a time).
         self.max_in_flight = max_in_flight
+        # The stream's record size limit (MaxRecordSizeInKiB), read by check_stream(); until then unknown.
+        self._max_record_bytes: int | None = None
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the stream accepts: 1 MiB unless raised for this stream (up to 10 MiB) and known
+        from :meth:`check_stream`."""
+        return MAX_RECORD_BYTES if self._max_record_bytes is None else self._max_record_bytes
 
     # -- where we talk to, for messages (never credentials) -----------------
 
@@ -296,6 +306,9 @@ class KinesisSink:
             raise SinkError(
                 f"Kinesis stream {name!r} in {self._where()} is {status}, not ACTIVE: {hint}."
             )
+        # Absent (older APIs, emulators): the default 1 MiB.
+        kib = summary.get("MaxRecordSizeInKiB")
+        self._max_record_bytes = int(kib) * 1024 if isinstance(kib, int) and kib > 0 else MAX_RECORD_BYTES
         return dict(summary)
 
     def _botocore_message(self, exc: BotoCoreError, action: str) -> str:
@@ -319,8 +332,12 @@ class KinesisSink:
         started = self._clock()
         # Validate everything before sending anything: a bad record found halfway
         # would leave a half-sent batch for the next run to resend.
+        limit = self.max_record_bytes
         for record in records:
-            check_record(record)
+            if record.size > limit and self._max_record_bytes is None:
+                self.check_stream()  # not checked yet (a re-executed publish step): learn the stream's limit
+                limit = self.max_record_bytes
+            check_record(record, limit)
         total = len(records)
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
@@ -351,7 +368,8 @@ class KinesisSink:
         written = 0
         remaps = 0
         while True:
-            pending: list[Record] = list(aggregate_records(to_send, shard_map))
+            pending: list[Record] = list(
+                aggregate_records(to_send, shard_map, max_record_bytes=self.max_record_bytes))
             count = len(pending)
             misrouted = self._send(pending, progress, aggregated=True)
             written += count - len(pending)
@@ -439,10 +457,11 @@ class KinesisSink:
         concurrent = self.max_in_flight > 1 and count > 1
         pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="kinesis-put") if concurrent else None
         in_flight: dict[Future[_Answer], list[int]] = {}
+        request_limit = request_bytes_limit(self.max_record_bytes)
         try:
             while remaining:
                 while not misrouted and len(in_flight) < self.max_in_flight:
-                    chosen = next_request(pending_records, states, start)
+                    chosen = next_request(pending_records, request_limit, states=states, start=start)
                     if not chosen:
                         break
                     for i in chosen:
