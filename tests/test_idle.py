@@ -102,6 +102,7 @@ def test_heartbeat_gives_an_idle_slot_something_to_move_to(
         # The heartbeat is a decodable record of this database: the sensor sees it and a run moves past it.
         assert _sensor_tick(defs, instance) == 1
         after = _wal(server, db)
-        assert after["lag"] <= before["lag"]
+        # (The server writes a few bytes of its own WAL now and then, e.g. running-xacts records.)
+        assert after["lag"] <= before["lag"] + 64 * 1024
         assert _sensor_tick(defs, instance) == 0
     assert read_json(moto_server, kinesis_stream) == [], "a heartbeat is never published"
