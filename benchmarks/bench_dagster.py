@@ -90,6 +90,7 @@ from pg2kinesis_dagster.devstack.daemon import (
     PeakRssPoller,
     code_location_env,
     code_location_jobs,
+    dir_bytes,
     measure_home,
     wait_for,
 )
@@ -155,6 +156,11 @@ class Stack:
     sensor_interval: int
     _n: int = 0
 
+    @property
+    def spool_dir(self) -> Path:
+        """PG2K_SPOOL_DIR of every contender: this run's own, not the shared default under /tmp."""
+        return self.workdir / "spool"
+
     def database(self, stem: str) -> tuple[str, psycopg2.extensions.connection]:
         self._n += 1
         name = self.pg.create_database(f"{stem}_{self._n}")
@@ -172,7 +178,7 @@ class Stack:
         return code_location_env(
             self.pg, db, self.moto, slot=slot, stream=stream,
             PG2K_MESSAGE_FORMATTER="JSON", PG2K_SENSOR_RUNNING="1",
-            PG2K_SENSOR_INTERVAL_SECONDS=str(self.sensor_interval), **extra,
+            PG2K_SENSOR_INTERVAL_SECONDS=str(self.sensor_interval), PG2K_SPOOL_DIR=str(self.spool_dir), **extra,
         )
 
     def pg2k_args(self, db: str, slot: str, stream: str, *extra: str) -> list[str]:
@@ -360,9 +366,12 @@ class Pg2kProcess:
     def __init__(self, args: list[str], workdir: Path, name: str) -> None:
         self.out_path = workdir / f"{name}.out"
         self.err_path = workdir / f"{name}.err"
+        # The same spool folder as the code location's (PG2K_SPOOL_DIR; the CLI reads it too, where it has one).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG2K_")}
+        env["PG2K_SPOOL_DIR"] = str(workdir / "spool")
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.spawned_at = time.time()
-            self.proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         self.poller = PeakRssPoller(self.proc.pid).start()
 
     def kill(self) -> None:
@@ -579,7 +588,7 @@ def report_drain(result: DrainResult) -> None:
 # -- scenario: storage -----------------------------------------------------------------------------------
 
 
-def report_storage(home: Path, runs: int, changes: int, interval: int, rate_per_s: float) -> HomeUsage:
+def report_storage(home: Path, spool: Path, runs: int, changes: int, interval: int, rate_per_s: float) -> HomeUsage:
     usage = measure_home(home)
     per = list(usage.per_run.values())
     rows = []
@@ -602,6 +611,7 @@ def report_storage(home: Path, runs: int, changes: int, interval: int, rate_per_
         ("  history/runs/index.db (event index shard)", mib(usage.index_db_bytes)),
         ("  history/runs/.db (events of no run)", mib(usage.runless_event_log_bytes)),
         ("schedules/ (sensor ticks)", mib(usage.schedules_bytes)),
+        (f"outside DAGSTER_HOME: PG2K_SPOOL_DIR {spool} (all contenders)", mib(dir_bytes(spool))),
     ])
     pickles_per_change = sum(r.io_manager_bytes for r in per) / changes if changes else 0
     event_per_run = mean([r.event_bytes for r in per]) or 0
@@ -983,8 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "ratio": d.pg2k_seconds / d.dagster_seconds,
                                 "prompt": d.runs.prompt, "waiting": d.runs.waiting}
         if "storage" in chosen and drains:
-            usage = report_storage(drain_home, sum(len(d.runs.runs) for d in drains), sum(d.changes for d in drains),
-                                   args.sensor_interval, args.extrapolate_rate)
+            usage = report_storage(drain_home, stack.spool_dir, sum(len(d.runs.runs) for d in drains),
+                                   sum(d.changes for d in drains), args.sensor_interval, args.extrapolate_rate)
             figures["storage"] = {"total_bytes": usage.total_bytes, "storage_bytes": usage.storage_bytes,
                                   "per_run": {k: vars(v) for k, v in usage.per_run.items()}}
         if "storage-scale" in chosen:
