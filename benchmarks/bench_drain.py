@@ -7,7 +7,7 @@ Starts a throwaway PostgreSQL and moto's Kinesis server, commits ``--changes`` r
 
 * bare fetch: ``pg_logical_slot_peek_changes`` of the whole backlog into Python (psycopg2), the
   floor any test_decoding-based tool pays;
-* pipeline without the network: peek + decode + format + request planning, records discarded;
+* pipeline without the network: peek + decode + format (through the spool) + request planning;
 * ``pg2k --once --aggregate`` (``--plain``: without aggregation) end to end into the moto server
   (a separate process: its peak RSS is reported).
 
@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 from pg2kinesis_dagster.core.batching import plan_batch
+from pg2kinesis_dagster.core.window import FormattedWindow, PublishedWindow, PutTotals
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
-from pg2kinesis_dagster.pipeline import PublishedBatch, ReplicationSettings, Replicator
+from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 SLOT = "bench"
@@ -83,24 +84,23 @@ def bare_fetch(pg: PostgresServer, db: str) -> tuple[int, float]:
 def pipeline_without_network(pg: PostgresServer, db: str, moto: MotoServer) -> tuple[int, float]:
     settings = PostgresSettings(host=pg.host, port=pg.port, dbname=db, user="postgres")
     sink = KinesisSink(make_kinesis_client(region_name=moto.region, endpoint_url=moto.endpoint_url), STREAM)
-    replicator = Replicator(settings, sink, ReplicationSettings(slot_name=LOCAL_SLOT, max_changes=20_000))
+    replicator = Replicator(settings, sink, ReplicationSettings(slot_name=LOCAL_SLOT))
     changes = 0
     started = time.perf_counter()
     with replicator:
         replicator.prepare()
         upto = replicator.slot.current_wal_lsn()
         while True:
-            peeked = replicator.peek(upto)
-            formatted = replicator.build(peeked)
-            for _ in plan_batch(formatted.records):
-                pass
-            # Stands in for publish: the batch counts as acknowledged, so the slot moves on.
-            replicator.advance(PublishedBatch(
-                slot=LOCAL_SLOT, advance_to=formatted.advance_to, stats=formatted.stats,
-                start_lsn=formatted.start_lsn, limited=formatted.limited, data_bytes=formatted.data_bytes, put=None,
-            ))
+            window = replicator.peek(upto)
+            formatted = replicator.format(window)
+            spool = replicator.spool.window(replicator.spool_key, window.window_id)
+            for info in FormattedWindow.from_dict(spool.records_manifest() or {}).chunks:
+                for _ in plan_batch(spool.read_record_chunk(info.index).records):
+                    pass
+            # Stands in for publish: the window counts as acknowledged, so the slot moves on.
+            replicator.finish(PublishedWindow(formatted, PutTotals(), None))
             changes += formatted.stats.changes
-            if not peeked.limited:
+            if not window.limited:
                 break
     return changes, time.perf_counter() - started
 

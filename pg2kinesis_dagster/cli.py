@@ -20,9 +20,11 @@ import psycopg2
 from pg2kinesis_dagster import pipeline
 from pg2kinesis_dagster.core.decoders import supported_plugins
 from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableError
+from pg2kinesis_dagster.core.window import DEFAULT_CHUNK_CHANGES
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
-from pg2kinesis_dagster.pipeline import BatchResult, ReplicationSettings, Replicator
+from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator, WindowResult
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.spool import default_spool_root
 
 log = logging.getLogger("pg2kinesis")
 
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--oversized",
         choices=["fail", "truncate"],
         default="fail",
-        help="a record over Kinesis's 1 MiB limit: fail the batch (slot untouched), or replace its largest "
+        help="a record over Kinesis's 1 MiB limit: fail the run (slot untouched), or replace its largest "
         "non-key values by the marker __pg2kinesis_truncated__:<bytes> until it fits",
     )
 
@@ -149,13 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="drain what is pending up to the current WAL position, then exit 0",
     )
     run.add_argument(
-        "--max-changes", type=int, default=pipeline.DEFAULT_MAX_CHANGES, help="rows per batch (whole transactions)"
+        "--max-changes",
+        type=int,
+        default=pipeline.DEFAULT_MAX_CHANGES,
+        help="window budget: rows of plugin output per window (it ends at the next commit; a window is "
+        "processed in chunks, so a large one costs disk in the spool, not memory)",
     )
     run.add_argument(
-        "--max-bytes", type=int, default=pipeline.DEFAULT_MAX_BYTES, help="plugin output bytes per batch"
+        "--max-bytes", type=int, default=pipeline.DEFAULT_MAX_BYTES, help="window budget: plugin output bytes"
+    )
+    run.add_argument(
+        "--max-seconds",
+        type=float,
+        default=pipeline.DEFAULT_MAX_SECONDS,
+        help="window budget: seconds spent reading the slot",
+    )
+    run.add_argument(
+        "--chunk-changes",
+        type=int,
+        default=DEFAULT_CHUNK_CHANGES,
+        help="changes per chunk inside a window: about what memory holds, and what a crash sends again",
+    )
+    run.add_argument(
+        "--spool-dir",
+        default=os.environ.get("PG2K_SPOOL_DIR") or None,
+        help="local folder for the window being replicated (default: PG2K_SPOOL_DIR, else "
+        f"{default_spool_root()})",
     )
     run.add_argument("--poll-interval", type=float, default=1.0, help="seconds to wait when nothing is pending")
-    run.add_argument("-v", "--verbose", action="store_true", help="log every batch")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every window")
     return parser
 
 
@@ -183,6 +207,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
         partition_key_constant=args.partition_key_constant,
         max_changes=args.max_changes,
         max_bytes=args.max_bytes,
+        max_seconds=args.max_seconds,
+        chunk_changes=args.chunk_changes,
+        spool_dir=args.spool_dir,
         create_slot=args.create_slot,
         recreate_slot=args.recreate_slot,
         oversized=args.oversized,
@@ -192,7 +219,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
 
 
 class _Stop:
-    """Finish the batch in hand, then stop, on SIGINT/SIGTERM."""
+    """Finish the window in hand, then stop, on SIGINT/SIGTERM."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -212,7 +239,7 @@ class _Stop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.info("stopping after the current batch (signal %s)", signum)
+        log.info("stopping after the current window (signal %s)", signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,16 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _log_batch(batch: BatchResult) -> None:
-    log.info("batch %s", json.dumps(batch.summary()))
+def _log_window(window: WindowResult) -> None:
+    log.info("window %s", json.dumps(window.summary()))
 
 
 def _run(replicator: Replicator, args: argparse.Namespace) -> int:
     replicator.prepare()
     if args.once:
-        result = replicator.drain(on_batch=_log_batch if args.verbose else None)
+        result = replicator.drain(on_window=_log_window if args.verbose else None)
         summary = {
-            "batches": result.batches,
+            "windows": result.windows,
             "transactions": result.stats.transactions,
             "changes": result.stats.changes,
             "published": result.stats.published,
@@ -266,10 +293,10 @@ def _run(replicator: Replicator, args: argparse.Namespace) -> int:
     delay = _RECONNECT_FIRST_DELAY
     while not stop.requested:
         try:
-            batch = replicator.run_batch()
+            window = replicator.run_window(should_stop=lambda: stop.requested)
         except (SourceUnavailableError, psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            # PostgreSQL restarted or the network broke: the batch in hand is dropped (the slot did not
-            # move for it), and the next attempt reconnects, takes the slot's lock again and re-reads.
+            # PostgreSQL restarted or the network broke: the window in hand is dropped (the slot did not
+            # move past what was acknowledged), and the next attempt reconnects, takes the lock and re-reads.
             now = time.monotonic()
             failing_since = now if failing_since is None else failing_since
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -284,9 +311,9 @@ def _run(replicator: Replicator, args: argparse.Namespace) -> int:
             delay = min(delay * 2, _RECONNECT_MAX_DELAY)
             continue
         failing_since, delay = None, _RECONNECT_FIRST_DELAY
-        if batch.published.stats.changes:
-            _log_batch(batch)
-        if not batch.limited and not stop.requested:
+        if window.stats.changes:
+            _log_window(window)
+        if not window.limited and not stop.requested:
             stop.sleep(args.poll_interval)
     return 0
 

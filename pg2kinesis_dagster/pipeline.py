@@ -1,21 +1,25 @@
-"""One micro-batch end to end, in four steps shared by the Dagster ops and the ``pg2k`` CLI.
+"""One window end to end, in four steps shared by the Dagster ops and the ``pg2k`` CLI.
 
-    peek -> build (decode, filter, key, format) -> publish -> advance
+    peek (slot -> spool rows) -> format (rows -> record chunks) -> publish (chunks -> Kinesis,
+    checkpointing the slot) -> finish (last advance, spool removed)
+
+A *window* is what was committed between the slot's position and the flushed WAL position when the
+run started, bounded by a budget (:class:`~pg2kinesis_dagster.core.window.WindowBudget`). Rows and
+records flow through the window in chunks on local disk (:mod:`pg2kinesis_dagster.spool`), so memory
+is flat in the window's size and in the size of one transaction; the steps hand each other small
+handles (slot, LSN range, counts, the spool's window id), never the data.
 
 Guarantees, and what makes them hold:
 
-* Nothing committed is lost: :meth:`Replicator.peek` never consumes the slot, and
-  :meth:`Replicator.advance` runs only with a :class:`PublishedBatch`, which only exists once
-  Kinesis acknowledged every record of the batch. On any error the slot stays where it was.
-* Commit order and per-row order: batches are whole transactions in commit order; the sink never
-  sends a row's later change while an earlier one is unacknowledged.
-* At-least-once: a failure between publish and advance republishes the batch on the next run;
-  every record carries its change's stable id (commit LSN + index) for deduplication.
-* Bounded memory: a batch holds at most ``max_changes`` rows / ``max_bytes`` of plugin output
-  (plus the rest of the transaction that crosses the limit), however large the backlog.
-
-Each step's output is plain picklable data, so Dagster can persist it between ops and
-"re-execute from failure" republishes exactly the same records.
+* Nothing committed is lost: :meth:`Replicator.peek` never consumes the slot. The slot only moves to
+  a commit once every record of every transaction up to it was acknowledged (after each published
+  chunk, and in :meth:`Replicator.finish`). On any error it stays at the last such commit.
+* Commit order and per-row order: chunks are published in commit order, one after another; the sink
+  never sends a row's later change while an earlier one is unacknowledged.
+* At-least-once, bounded duplicates: a crash republishes at most what was in flight since the last
+  checkpoint (about one chunk); every record carries its change's stable id (commit LSN + index).
+* The spool is a cache: when a step's input is gone (another machine, a cleaned disk) it is read
+  again from the slot, which has not moved past what was acknowledged, up to the same last commit.
 """
 
 from __future__ import annotations
@@ -24,9 +28,8 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
@@ -35,14 +38,37 @@ from pg2kinesis_dagster.core.formats import make_formatter
 from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
-from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
+from pg2kinesis_dagster.core.window import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CHUNK_CHANGES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_CHANGES,
+    DEFAULT_MAX_SECONDS,
+    FormattedWindow,
+    PeekedWindow,
+    PublishedWindow,
+    PutTotals,
+    RecordChunk,
+    TransactionProgress,
+    WindowBudget,
+    change_index,
+)
+from pg2kinesis_dagster.kinesis.sink import KinesisSink
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
-from pg2kinesis_dagster.postgres.slot import AdvanceResult, PeekedRows, ReplicationSlot
+from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
+from pg2kinesis_dagster.spool import Spool, WindowSpool, slot_key
 
-DEFAULT_MAX_CHANGES = 20_000
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_CHANGES",
+    "DEFAULT_MAX_SECONDS",
+    "DrainResult",
+    "ReplicationSettings",
+    "Replicator",
+    "WindowResult",
+]
 
 
 @dataclass(frozen=True)
@@ -61,8 +87,15 @@ class ReplicationSettings:
     no_primary_key: str = "publish"
     partition_key: str = "row"
     partition_key_constant: str = "pg2kinesis"
+    # The window budget: a window ends at the first commit after any of these is reached.
     max_changes: int = DEFAULT_MAX_CHANGES
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    # Chunks inside a window: memory holds about one chunk, a crash republishes about one chunk.
+    chunk_changes: int = DEFAULT_CHUNK_CHANGES
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Where windows are spooled (default: the system's temporary directory).
+    spool_dir: str | None = None
     create_slot: bool = False
     recreate_slot: bool = False
     # A record over Kinesis's 1 MiB limit: "fail" the batch, or "truncate" its largest values (core.oversize).
@@ -70,11 +103,20 @@ class ReplicationSettings:
     # JSON format only: typed values (numbers, booleans, nested JSON, arrays) instead of PostgreSQL's text.
     typed_json: bool = False
 
+    def budget(self) -> WindowBudget:
+        return WindowBudget(
+            max_changes=self.max_changes,
+            max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+            chunk_changes=self.chunk_changes,
+            chunk_bytes=self.chunk_bytes,
+        )
+
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     """Decoding allocates millions of small acyclic objects, freed by reference counting anyway; the cyclic
-    collector's passes over them cost more than half of the decoding time, so it waits for the batch."""
+    collector's passes over them cost more than half of the decoding time, so it waits for the step."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -84,68 +126,41 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _is_commit(plugin: str) -> Callable[[str | bytes], bool]:
-    """Recognise a plugin's commit row, so a peek can stop between transactions."""
-    if plugin == "test_decoding":
-        return lambda data: isinstance(data, str) and data.startswith("COMMIT")
-    if plugin == "wal2json":
-        return lambda data: isinstance(data, str) and '"action":"C"' in data[:40]
-    if plugin == "pgoutput":
-        return lambda data: isinstance(data, bytes | bytearray | memoryview) and bytes(data[:1]) == b"C"
-    raise ValueError(plugin)
-
-
 @dataclass
-class PeekedBatch(PeekedRows):
-    """What the slot gave, labelled with the slot and plugin it came from (the peek_batch op's output)."""
+class WindowResult:
+    """A finished window: what was published and where the slot stands."""
 
-    slot: str
-    plugin: str
-
-
-@dataclass
-class FormattedBatch:
-    slot: str
-    records: list[Record]
-    stats: BatchStats
-    start_lsn: int
-    advance_to: int | None
-    limited: bool
-    data_bytes: int
-
-
-@dataclass
-class PublishedBatch:
-    """Proof that every record of a batch was acknowledged: only this may advance the slot."""
-
-    slot: str
-    advance_to: int | None
-    stats: BatchStats
-    start_lsn: int
-    limited: bool
-    data_bytes: int
-    put: PutReport | None
-
-
-@dataclass
-class BatchResult:
-    published: PublishedBatch
+    published: PublishedWindow
     advance: AdvanceResult | None
     lag_bytes: int | None
     seconds: float
 
     @property
+    def window(self) -> PeekedWindow:
+        return self.published.window
+
+    @property
+    def stats(self) -> BatchStats:
+        return self.published.formatted.stats
+
+    @property
     def limited(self) -> bool:
-        return self.published.limited
+        return self.window.limited
+
+    @property
+    def end_lsn(self) -> int | None:
+        """Where the slot stands after the window (None: unknown, nothing advanced)."""
+        if self.advance is not None:
+            return self.advance.after or self.advance.target
+        return self.published.checkpoint_lsn
 
     def summary(self) -> dict[str, object]:
-        stats = self.published.stats
+        stats = self.stats
+        end = self.end_lsn
         return {
-            "slot": self.published.slot,
-            "start_lsn": format_lsn(self.published.start_lsn),
-            "end_lsn": format_lsn(self.advance.after or self.advance.target)
-            if self.advance and (self.advance.after or self.advance.target)
-            else None,
+            "slot": self.window.slot,
+            "start_lsn": format_lsn(self.window.start_lsn),
+            "end_lsn": format_lsn(end) if end else None,
             "transactions": stats.transactions,
             "changes": stats.changes,
             "published": stats.published,
@@ -153,7 +168,9 @@ class BatchResult:
             "skipped_no_primary_key": stats.skipped_no_key,
             "record_bytes": stats.record_bytes,
             "truncated_records": stats.truncated_records,
-            "plugin_bytes": self.published.data_bytes,
+            "plugin_bytes": self.window.plugin_bytes,
+            "chunks": self.published.formatted.chunk_count,
+            "checkpoints": self.published.put.checkpoints,
             "lag_bytes": self.lag_bytes,
             "seconds": round(self.seconds, 3),
         }
@@ -161,10 +178,10 @@ class BatchResult:
 
 @dataclass
 class DrainResult:
-    batches: int = 0
+    windows: int = 0
     stats: BatchStats = field(default_factory=BatchStats)
     seconds: float = 0.0
-    last: BatchResult | None = None
+    last: WindowResult | None = None
 
 
 class TableKeyCache:
@@ -200,19 +217,24 @@ class TableKeyCache:
 class Replicator:
     """Drives one slot into one stream. The Dagster ops call the steps; the CLI calls :meth:`drain`."""
 
-    def __init__(self, pg: PostgresSettings, sink: KinesisSink, settings: ReplicationSettings) -> None:
+    def __init__(
+        self, pg: PostgresSettings, sink: KinesisSink, settings: ReplicationSettings, *, spool: Spool | None = None
+    ) -> None:
         self.pg = pg
         self.sink = sink
         self.settings = settings
+        self.budget = settings.budget()
+        self.spool = spool if spool is not None else Spool(settings.spool_dir)
         self.decoder = decoder_for(
             settings.output_plugin, **decoder_options(settings.output_plugin, pg, publication=settings.publication)
         )
-        self.is_commit = _is_commit(settings.output_plugin)
         self.slot = ReplicationSlot(
             pg, settings.slot_name, settings.output_plugin,
             publication=settings.publication if settings.output_plugin == "pgoutput" else None,
         )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
+        # The slot's spool folder: its name is only unique within one PostgreSQL server.
+        self.spool_key = slot_key(settings.slot_name, pg.describe(with_user=False))
         self.builder = RecordBuilder(
             formatter=make_formatter(
                 settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
@@ -247,65 +269,233 @@ class Replicator:
             self.sink.check_stream()
             self._prepared = True
 
-    def peek(self, upto_lsn: int | None = None) -> PeekedBatch:
+    def peek(self, upto_lsn: int | None = None) -> PeekedWindow:
+        """Read the window into a new spool: everything committed up to ``upto_lsn`` (default: the flushed
+        WAL position now), within the budget."""
         self.prepare()
-        peeked = self.slot.peek(
+        if upto_lsn is None:
+            upto_lsn = self.slot.current_wal_lsn()
+        spool = self.spool.new_window(self.spool_key)
+        # A new window starts where the slot stands, so older windows of this slot hold nothing it will not
+        # give again: keep the disk to one window per slot.
+        self.spool.remove_others(self.spool_key, keep=spool.window_id)
+        return self._read_window(spool, upto_lsn, self.budget)
+
+    def _read_window(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None) -> PeekedWindow:
+        """Stream the slot's rows into ``spool``, stopping at the first commit past the budget (if any)."""
+        started = time.perf_counter()
+        state = self.slot.state()
+        start_lsn = (state.confirmed_flush_lsn if state is not None else None) or 0
+        chunk_rows = budget.chunk_changes if budget else self.budget.chunk_changes
+        writer = spool.start_rows(chunk_rows, self.budget.chunk_bytes)
+        is_commit = self.decoder.is_commit
+        rows = data_bytes = transactions = 0
+        committed_rows = committed_bytes = 0
+        last_commit: int | None = None
+        limited = False
+        deadline = time.monotonic() + (budget.max_seconds if budget else float("inf"))
+        reader = self.slot.read_rows(
             options=self.decoder.slot_options,
-            max_changes=self.settings.max_changes,
-            max_bytes=self.settings.max_bytes,
-            is_commit=self.is_commit,
             upto_lsn=upto_lsn,
+            upto_nchanges=budget.max_changes if budget else None,
             binary=self.settings.output_plugin == "pgoutput",
         )
-        return PeekedBatch(**vars(peeked), slot=self.slot.name, plugin=self.settings.output_plugin)
-
-    def decode(self, peeked: PeekedBatch) -> Iterator[Transaction]:
         try:
-            yield from self.decoder.decode(peeked.rows)
-        except DecodeError as exc:
-            raise exc.with_slot(peeked.slot) from None
+            for row in reader:
+                writer.add(row)
+                rows += 1
+                data_bytes += len(row[2])
+                if is_commit(row[2]):
+                    transactions += 1
+                    last_commit = row[0]
+                    committed_rows, committed_bytes = rows, data_bytes
+                    if budget is not None and (
+                        rows >= budget.max_changes
+                        or data_bytes >= budget.max_bytes
+                        or time.monotonic() >= deadline
+                    ):
+                        limited = True
+                        break
+        finally:
+            reader.close()
+        if budget is not None and committed_rows >= budget.max_changes:
+            limited = True  # PostgreSQL stopped at upto_nchanges: more may be pending
+        # Rows after the last commit would belong to a transaction not read to its end: never used.
+        advance_to = last_commit if last_commit is not None else (None if limited else upto_lsn)
+        window = PeekedWindow(
+            slot=self.slot.name,
+            window_id=spool.window_id,
+            start_lsn=start_lsn,
+            upto_lsn=upto_lsn,
+            last_commit_lsn=last_commit,
+            advance_to=advance_to,
+            limited=limited,
+            transactions=transactions,
+            rows=committed_rows,
+            plugin_bytes=committed_bytes,
+            row_chunks=0,
+            seconds=time.perf_counter() - started,
+        )
+        writer.finish(window.to_dict())
+        return replace(window, row_chunks=writer.chunks)
 
-    def build(self, peeked: PeekedBatch) -> FormattedBatch:
+    def _rows_of(self, window: PeekedWindow) -> WindowSpool:
+        """The window's spool with its rows, read again from the slot when they are gone."""
+        spool = self.spool.window(self.spool_key, window.window_id)
+        if spool.rows_manifest() is None:
+            if window.last_commit_lsn is None:  # nothing was committed in the window: nothing to read
+                spool.start_rows(1, 1).finish(replace(window, rows=0, transactions=0).to_dict())
+            else:
+                self.prepare()
+                # Bounded by the window's last commit, not by the budget: the same transactions (minus those
+                # the slot already passed), whatever the budget says now.
+                self._read_window(spool, window.last_commit_lsn, None)
+        return spool
+
+    def format(self, window: PeekedWindow) -> FormattedWindow:
+        """Decode, filter, key and format the window's rows into record chunks in the spool."""
+        started = time.perf_counter()
+        spool = self._rows_of(window)
+        reader = spool.read_rows()
+        chunk_changes, chunk_bytes = self.budget.chunk_changes, self.budget.chunk_bytes
+        stats = BatchStats()
+        infos = []
+        chunk = RecordChunk()
+        commits: dict[tuple[int, int], tuple[int, str | None]] = {}
+
+        def stamp(part: Transaction) -> None:
+            """A part of a transaction whose commit is further on: find the commit row ahead in the spool."""
+            key = (part.xid, part.begin_lsn)
+            if key not in commits:
+                commits.clear()
+                row = reader.find_next(self.decoder.is_commit)
+                if row is None:
+                    raise DecodeError("transaction without its commit in the window", lsn=part.begin_lsn)
+                commits[key] = (row[0], self.decoder.commit_time(row[2]))
+            part.commit(*commits[key])
+
+        spool.drop_records()
         with _gc_paused():
-            records, stats = self.builder.build(self.decode(peeked))
-        return FormattedBatch(
-            slot=peeked.slot,
-            records=records,
-            stats=stats,
-            start_lsn=peeked.start_lsn,
-            advance_to=peeked.advance_to,
-            limited=peeked.limited,
-            data_bytes=peeked.data_bytes,
-        )
+            try:
+                for txn in self.decoder.decode(reader, part_size=chunk_changes):
+                    if txn.partial:
+                        stamp(txn)
+                    first = len(chunk.records)
+                    self.builder.add(txn, chunk.records, stats)
+                    added = chunk.records[first:]
+                    chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
+                    chunk.record_bytes += sum(r.size for r in added)
+                    if not txn.partial:
+                        chunk.advance_to = txn.commit_lsn
+                    if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
+                        spool.write_record_chunk(len(infos), chunk)
+                        infos.append(chunk.info(len(infos)))
+                        chunk = RecordChunk()
+            except DecodeError as exc:
+                raise exc.with_slot(window.slot) from None
+        if chunk.records or chunk.advance_to is not None:
+            spool.write_record_chunk(len(infos), chunk)
+            infos.append(chunk.info(len(infos)))
+        formatted = FormattedWindow(window=window, chunks=tuple(infos), stats=stats,
+                                    seconds=time.perf_counter() - started, chunk_count=len(infos))
+        spool.finish_records(formatted.to_dict(with_chunks=True))
+        return formatted
 
-    def publish(self, formatted: FormattedBatch) -> PublishedBatch:
-        try:
-            report = self.sink.put(formatted.records) if formatted.records else None
-        except SinkError as exc:
-            raise self._with_slot_position(exc, formatted) from exc
-        return PublishedBatch(
-            slot=formatted.slot,
-            advance_to=formatted.advance_to,
-            stats=formatted.stats,
-            start_lsn=formatted.start_lsn,
-            limited=formatted.limited,
-            data_bytes=formatted.data_bytes,
-            put=report,
-        )
+    def _records_of(self, formatted: FormattedWindow) -> tuple[WindowSpool, FormattedWindow]:
+        """The window's spool with its record chunks, rebuilt (rows read again if needed) when gone."""
+        spool = self.spool.window(self.spool_key, formatted.window.window_id)
+        manifest = spool.records_manifest()
+        if manifest is None:
+            return spool, self.format(formatted.window)
+        return spool, FormattedWindow.from_dict(manifest)
 
-    def _with_slot_position(self, exc: SinkError, formatted: FormattedBatch) -> SinkError:
+    def publish(
+        self,
+        formatted: FormattedWindow,
+        *,
+        on_checkpoint: Callable[[AdvanceResult], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> PublishedWindow:
+        """Send the record chunks in order, advancing the slot after each chunk that ends a transaction.
+
+        Chunks (and records) whose commit the slot already passed are skipped: rerunning this step after a
+        failure sends again only what was not acknowledged before. ``should_stop`` is asked after each
+        checkpoint: a stop leaves the rest of the window pending on the slot (``stopped``).
+        """
+        self.prepare()
+        spool, formatted = self._records_of(formatted)
+        confirmed = self._confirmed()
+        # An open transaction's records acknowledged before a crash (a transaction larger than a chunk).
+        progress = self.spool.read_progress(self.spool_key)
+        if progress is not None and confirmed is not None and progress.commit_lsn <= confirmed:
+            progress = None
+        totals = PutTotals()
+        for info in formatted.chunks:
+            if (
+                confirmed is not None
+                and (info.last_commit_lsn is None or info.last_commit_lsn <= confirmed)
+                and (info.advance_to is None or info.advance_to <= confirmed)
+            ):
+                totals = replace(totals, skipped_records=totals.skipped_records + info.records)
+                continue
+            chunk = spool.read_record_chunk(info.index)
+            records = chunk.after(confirmed, progress)
+            totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
+            if records:
+                try:
+                    report = self.sink.put(records)
+                except SinkError as exc:
+                    raise self._with_slot_position(exc, formatted, confirmed) from exc
+                totals = replace(
+                    totals,
+                    kinesis_records=totals.kinesis_records + report.records,
+                    changes=totals.changes + report.user_records,
+                    requests=totals.requests + report.requests,
+                    retried_entries=totals.retried_entries + report.retried_entries,
+                    throttled_entries=totals.throttled_entries + report.throttled_entries,
+                    seconds=totals.seconds + report.seconds,
+                )
+            if chunk.advance_to is not None and (confirmed is None or chunk.advance_to > confirmed):
+                # Every record up to this commit is acknowledged: a checkpoint.
+                advanced = self.slot.advance(chunk.advance_to)
+                confirmed = max(chunk.advance_to, advanced.after or 0)
+                totals = replace(totals, checkpoints=totals.checkpoints + 1)
+                if on_checkpoint is not None:
+                    on_checkpoint(advanced)
+            # The chunk ends inside a transaction that is not checkpointed yet: remember how far it got.
+            last = chunk.commit_lsns[-1] if chunk.commit_lsns else None
+            open_txn = last is not None and (confirmed is None or last > confirmed)
+            if open_txn:
+                acked = change_index(chunk.records[-1])
+                if progress is not None and progress.commit_lsn == last:
+                    acked = max(acked, progress.acked_index)  # skipped records were acknowledged before
+                reached = TransactionProgress(last, acked)  # type: ignore[arg-type]
+                if reached != progress:
+                    progress = reached
+                    self.spool.write_progress(self.spool_key, progress)
+            elif progress is not None:
+                progress = None
+                self.spool.write_progress(self.spool_key, None)
+                if should_stop is not None and should_stop() and confirmed != formatted.window.advance_to:
+                    return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed, stopped=True)
+        return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed)
+
+    def _confirmed(self) -> int | None:
+        state = self.slot.state()
+        return state.confirmed_flush_lsn if state is not None else None
+
+    def _with_slot_position(self, exc: SinkError, formatted: FormattedWindow, confirmed: int | None) -> SinkError:
         """The sink's error plus where the slot stands, so the operator knows what the next run resends."""
         try:
-            state = self.slot.state()
-            position = state.confirmed_flush_lsn if state is not None else None
-        except Exception:  # PostgreSQL unreachable as well: say where the slot stood when the batch was read
-            position = formatted.start_lsn
+            position = self._confirmed()
+        except Exception:  # PostgreSQL unreachable as well: say where the slot stood at the last checkpoint
+            position = confirmed if confirmed is not None else formatted.window.start_lsn
         where = format_lsn(position) if position is not None else "(unknown)"
         target = ""
-        if formatted.advance_to is not None:
-            target = f"; this batch would have moved it to {format_lsn(formatted.advance_to)}"
-        message = (f"{exc} Replication slot {formatted.slot!r} stays at {where} (not advanced{target}); the next "
-                   "run starts from there.")
+        if formatted.window.advance_to is not None:
+            target = f"; this window would have moved it to {format_lsn(formatted.window.advance_to)}"
+        message = (f"{exc} Replication slot {formatted.window.slot!r} stays at {where} (not advanced further{target}); "
+                   "the next run starts from there.")
         try:
             wrapped = type(exc)(message)
         except TypeError:  # a subclass with another constructor: keep the message, lose the subtype
@@ -313,17 +503,21 @@ class Replicator:
         wrapped.__dict__.update(exc.__dict__)
         return wrapped
 
-    def advance(self, published: PublishedBatch) -> AdvanceResult | None:
-        if published.advance_to is None:
-            return None
-        return self.slot.advance(published.advance_to)
+    def finish(self, published: PublishedWindow) -> AdvanceResult | None:
+        """Move the slot to the window's end (an idle window: to its WAL bound) and remove its spool.
 
-    # -- whole batches -------------------------------------------------------------------
-    def run_batch(self, upto_lsn: int | None = None) -> BatchResult:
+        A window whose publishing was stopped early stays where its last checkpoint left it."""
+        target = published.window.advance_to
+        result = self.slot.advance(target) if target is not None and not published.stopped else None
+        self.spool.window(self.spool_key, published.window.window_id).remove()
+        return result
+
+    # -- whole windows -------------------------------------------------------------------
+    def run_window(self, upto_lsn: int | None = None, should_stop: Callable[[], bool] | None = None) -> WindowResult:
         started = time.perf_counter()
-        published = self.publish(self.build(self.peek(upto_lsn)))
-        advanced = self.advance(published)
-        return BatchResult(
+        published = self.publish(self.format(self.peek(upto_lsn)), should_stop=should_stop)
+        advanced = self.finish(published)
+        return WindowResult(
             published=published,
             advance=advanced,
             lag_bytes=self.slot.lag_bytes(),
@@ -334,23 +528,25 @@ class Replicator:
         self,
         *,
         upto_lsn: int | None = None,
-        max_batches: int | None = None,
-        on_batch: Callable[[BatchResult], None] | None = None,
+        max_windows: int | None = None,
+        on_window: Callable[[WindowResult], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> DrainResult:
-        """Publish everything committed before ``upto_lsn`` (default: the WAL position now)."""
+        """Publish everything committed before ``upto_lsn`` (default: the flushed WAL position now)."""
         self.prepare()
         if upto_lsn is None:
             upto_lsn = self.slot.current_wal_lsn()
         result = DrainResult()
         started = time.perf_counter()
-        while max_batches is None or result.batches < max_batches:
-            batch = self.run_batch(upto_lsn)
-            result.batches += 1
-            result.stats.merge(batch.published.stats)
-            result.last = batch
-            if on_batch is not None:
-                on_batch(batch)
-            if not batch.limited:
+        while max_windows is None or result.windows < max_windows:
+            window = self.run_window(upto_lsn, should_stop=should_stop)
+            result.windows += 1
+            result.stats.merge(window.stats)
+            result.last = window
+            if on_window is not None:
+                on_window(window)
+            if not window.limited or window.published.stopped or (should_stop is not None and should_stop()):
                 break
         result.seconds = time.perf_counter() - started
         return result
+

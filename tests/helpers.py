@@ -17,6 +17,12 @@ from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 
+def merged(*ledgers: WorkloadLedger) -> WorkloadLedger:
+    """Several workloads run one after another, as one ledger."""
+    return WorkloadLedger(seed=ledgers[0].seed, initial_state=ledgers[0].initial_state,
+                          transactions=[t for ledger in ledgers for t in ledger.transactions])
+
+
 def pg_settings(server: PostgresServer, dbname: str, user: str = "postgres", password: str | None = None
                 ) -> PostgresSettings:
     return PostgresSettings(host=server.host, port=server.port, dbname=dbname, user=user, password=password)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 import psycopg2
 import psycopg2.extras
@@ -13,7 +14,7 @@ from pg2kinesis_dagster.core.changes import SlotRow
 from pg2kinesis_dagster.core.errors import DecodeError, RecordTooLargeError, SinkError, SourceError
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
-from pg2kinesis_dagster.postgres.slot import PeekedRows, ReplicationSlot
+from pg2kinesis_dagster.postgres.slot import ReplicationSlot
 from tests.helpers import confirmed_flush, make_replicator, read_json
 
 
@@ -128,21 +129,18 @@ def test_oversized_record_fails_before_publishing(pg_server: PostgresServer, tab
 
 def test_unparsable_plugin_output(pg_server: PostgresServer, table_db: str, pg_conn, moto_server: MotoServer,
                                   kinesis_stream: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_peek = ReplicationSlot.peek
+    real_read = ReplicationSlot.read_rows
 
-    def corrupt_peek(self: ReplicationSlot, **kwargs: object) -> PeekedRows:
-        peeked = real_peek(self, **kwargs)  # type: ignore[arg-type]
-        lsn, xid, _ = peeked.rows[1]
-        bad: SlotRow = (lsn, xid, "table public.items: UPSERT: id[integer]:1")
-        peeked.rows[1] = bad
-        return peeked
+    def corrupt_read(self: ReplicationSlot, **kwargs: object) -> Iterator[SlotRow]:
+        for i, (lsn, xid, data) in enumerate(real_read(self, **kwargs)):  # type: ignore[arg-type]
+            yield (lsn, xid, "table public.items: UPSERT: id[integer]:1") if i == 1 else (lsn, xid, data)
 
     with make_replicator(pg_server, table_db, moto_server, kinesis_stream, slot_name="garbled") as r:
         r.prepare()
         before = confirmed_flush(pg_server, table_db, "garbled")
         with pg_conn.cursor() as cur:
             cur.execute("INSERT INTO items VALUES (1, 'a')")
-        monkeypatch.setattr(ReplicationSlot, "peek", corrupt_peek)
+        monkeypatch.setattr(ReplicationSlot, "read_rows", corrupt_read)
         with pytest.raises(DecodeError) as err:
             r.drain()
     assert "slot 'garbled'" in str(err.value) and "UPSERT" in str(err.value) and "LSN" in str(err.value)

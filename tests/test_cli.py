@@ -52,7 +52,7 @@ def test_once_drains_and_exits_zero(pg_server: PostgresServer, pg_database: str,
     out = run_pg2k([*args, "--once", "--message-formatter", "JSON", "--max-changes", "100"])
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["changes"] == sum(1 for _ in ledger.changes()) and summary["batches"] > 1
+    assert summary["changes"] == sum(1 for _ in ledger.changes()) and summary["windows"] > 1
     assert_matches_ledger(read_json(moto_server, kinesis_stream), ledger)
     assert confirmed_flush(pg_server, pg_database) is not None
 

@@ -15,7 +15,6 @@ from dagster import (
     build_sensor_context,
     execute_job,
     instance_for_test,
-    reconstructable,
 )
 
 from pg2kinesis_dagster.defs import build_definitions
@@ -23,7 +22,7 @@ from pg2kinesis_dagster.defs.resources import SLOT_TAG
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
-from tests.dagster_jobs import FAIL_PUBLISH_FILE, replicate_job
+from tests.dagster_jobs import FAIL_PUBLISH_FILE, reconstructable_replicate_job
 from tests.helpers import assert_matches_ledger, confirmed_flush, read_json
 
 SLOT = "dagster_slot"
@@ -149,7 +148,7 @@ def test_reexecute_from_failure_republishes_same_records_and_never_moves_back(
     monkeypatch.setenv(FAIL_PUBLISH_FILE, str(marker))
     db = stack_env["PG2K_PG_DBNAME"]
     with instance_for_test() as instance:
-        job = reconstructable(replicate_job)
+        job = reconstructable_replicate_job()
         with execute_job(job, instance, run_config=QUIET) as first:
             assert first.success
         ledger = run_sample_workload(pg_conn, transactions=40, seed=9)

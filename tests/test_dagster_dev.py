@@ -110,7 +110,8 @@ def test_dagster_dev_shows_the_location_and_the_sensor_replicates(
     repo = next(r for r in repos if r["location"]["name"] == "pg2kinesis")
     assert {j["name"] for j in repo["jobs"]} >= {"replicate"}
     assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {"replication_sensor": "RUNNING"}
-    assert {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]} == {"replicate_schedule": "STOPPED"}
+    assert {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]} == {
+        "replicate_schedule": "STOPPED", "prune_history_hourly": "RUNNING", "summarize_replication_daily": "RUNNING"}
 
     # The running sensor sees the pending changes and launches runs until all arrived.
     ledger = run_sample_workload(pg_conn, transactions=60, seed=21)

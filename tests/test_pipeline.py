@@ -11,7 +11,7 @@ from pg2kinesis_dagster.core.errors import SinkError
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
-from pg2kinesis_dagster.pipeline import Replicator
+from pg2kinesis_dagster.postgres.slot import ReplicationSlot
 from tests.helpers import assert_matches_ledger, confirmed_flush, dedupe, make_replicator, read_json
 
 
@@ -28,7 +28,7 @@ def test_round_trip_many_batches_every_change_in_order(
         replicator.prepare()
         ledger = run_sample_workload(pg_conn, transactions=400, seed=7)
         result = replicator.drain()
-    assert result.batches > 3, "small batches must have split the backlog"
+    assert result.windows > 3, "small windows must have split the backlog"
     records = read_json(moto_server, kinesis_stream)
     # Normal operation: no duplicates at all.
     assert len({r["id"] for r in records}) == len(records)
@@ -79,16 +79,16 @@ def test_failure_between_publish_and_advance_loses_nothing(
     before = confirmed_flush(pg_server, sample_db)
     ledger = run_sample_workload(pg_conn, transactions=150, seed=3)
 
-    def crash(self: Replicator, published: object) -> None:
+    def crash(self: ReplicationSlot, target: int) -> None:
         raise RuntimeError("simulated crash after publish, before advance")
 
     with monkeypatch.context() as mp:
-        mp.setattr(Replicator, "advance", crash)
+        mp.setattr(ReplicationSlot, "advance", crash)
         with (
             make_replicator(pg_server, sample_db, moto_server, kinesis_stream, max_changes=200) as r,
             pytest.raises(RuntimeError, match="simulated crash"),
         ):
-            r.run_batch()
+            r.run_window()
     assert confirmed_flush(pg_server, sample_db) == before, "the slot moved although advance failed"
     first_attempt = read_json(moto_server, kinesis_stream)
     assert first_attempt, "the first batch was published"

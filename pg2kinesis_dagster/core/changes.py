@@ -123,6 +123,25 @@ class Transaction:
     changes: list[Change] = field(default_factory=list)
     # Bytes of plugin output this transaction took, for batch accounting.
     size: int = 0
+    # Index in the whole transaction of ``changes[0]``: above 0 for the later parts of a
+    # transaction decoded in parts (see :meth:`split`).
+    first_index: int = 0
+    # A part that is not the transaction's last: its commit comes later, so ``commit_lsn`` is 0
+    # and the changes are unstamped until the caller stamps them with :meth:`commit`.
+    partial: bool = False
+
+    def split(self) -> Transaction:
+        """Hand the changes decoded so far over as a partial part, keeping the transaction open.
+
+        A transaction of millions of rows is then decoded in parts of bounded size; the decoder
+        goes on with the next change's index, and the caller stamps each part with the commit it
+        learns from the plugin's commit row (which only comes at the end).
+        """
+        part = Transaction(self.xid, self.begin_lsn, 0, None, self.changes, self.size, self.first_index, True)
+        self.first_index += len(self.changes)
+        self.changes = []
+        self.size = 0
+        return part
 
     def commit(self, commit_lsn: int, commit_time: str | None) -> None:
         """Stamp the transaction and each of its changes with the commit that makes them final."""

@@ -80,41 +80,49 @@ class RecordBuilder:
     def build(self, transactions: Iterable[Transaction]) -> tuple[list[Record], BatchStats]:
         records: list[Record] = []
         stats = BatchStats()
-        fmt = self.formatter.format
         for txn in transactions:
-            stats.transactions += 1
-            for change in txn.changes:
-                stats.changes += 1
-                if not self.change_filter.accepts(change):
-                    stats.filtered += 1
-                    continue
-                key_columns = self.key_lookup(change.schema, change.table)
-                if key_columns:
-                    change.pk = extract_pk(change, key_columns)
-                else:
-                    stats.no_key_changes += 1
-                    stats.no_key_tables.add(change.qualified_table)
-                    if self.no_key_policy is NoKeyPolicy.SKIP:
-                        stats.skipped_no_key += 1
-                        continue
-                key = partition_key(change, self.partition_by, self.partition_constant)
-                if self.oversized is OversizedPolicy.TRUNCATE:
-                    data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
-                                                 protected=key_columns or ())
-                    stats.truncated_records += bool(truncated)
-                else:
-                    data = fmt(change)
-                records.append(
-                    Record(
-                        data=data,
-                        partition_key=key,
-                        ordering_key=ordering_key(change),
-                        record_id=change.id,
-                        # A TRUNCATE empties the whole table: it must stay after and before every row change.
-                        barrier=change.op is Operation.TRUNCATE,
-                    )
-                )
-                stats.published += 1
-                stats.record_bytes += len(data)
-                stats.by_table_op[f"{change.qualified_table} {change.op.value}"] += 1
+            self.add(txn, records, stats)
         return records, stats
+
+    def add(self, txn: Transaction, records: list[Record], stats: BatchStats) -> None:
+        """Append the records of one transaction, or of one part of it, to ``records``; count into ``stats``.
+
+        A transaction decoded in parts is counted once, with its last part.
+        """
+        fmt = self.formatter.format
+        if not txn.partial:
+            stats.transactions += 1
+        for change in txn.changes:
+            stats.changes += 1
+            if not self.change_filter.accepts(change):
+                stats.filtered += 1
+                continue
+            key_columns = self.key_lookup(change.schema, change.table)
+            if key_columns:
+                change.pk = extract_pk(change, key_columns)
+            else:
+                stats.no_key_changes += 1
+                stats.no_key_tables.add(change.qualified_table)
+                if self.no_key_policy is NoKeyPolicy.SKIP:
+                    stats.skipped_no_key += 1
+                    continue
+            key = partition_key(change, self.partition_by, self.partition_constant)
+            if self.oversized is OversizedPolicy.TRUNCATE:
+                data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
+                                             protected=key_columns or ())
+                stats.truncated_records += bool(truncated)
+            else:
+                data = fmt(change)
+            records.append(
+                Record(
+                    data=data,
+                    partition_key=key,
+                    ordering_key=ordering_key(change),
+                    record_id=change.id,
+                    # A TRUNCATE empties the whole table: it must stay after and before every row change.
+                    barrier=change.op is Operation.TRUNCATE,
+                )
+            )
+            stats.published += 1
+            stats.record_bytes += len(data)
+            stats.by_table_op[f"{change.qualified_table} {change.op.value}"] += 1

@@ -10,10 +10,13 @@ from collections.abc import Mapping
 
 from dagster import Definitions, EnvVar
 
-from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.core import window
+from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.defs.assets import build_lag_check, primary_key_metadata, replication_checkpoint
-from pg2kinesis_dagster.defs.automation import build_schedule, build_sensor
-from pg2kinesis_dagster.defs.jobs import build_replicate_job
+from pg2kinesis_dagster.defs.automation import MODES, SensorSettings, build_schedule, build_sensor
+from pg2kinesis_dagster.defs.handles import window_handle_io_manager
+from pg2kinesis_dagster.defs.history import DEFAULT_RETENTION_DAYS, build_history
+from pg2kinesis_dagster.defs.jobs import HANDLES, build_continuous_job, build_replicate_job
 from pg2kinesis_dagster.defs.resources import (
     KinesisResource,
     PostgresResource,
@@ -69,29 +72,44 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         operations=_opt(env, "PG2K_OPERATIONS"),
         no_primary_key=env.get("PG2K_NO_PRIMARY_KEY", "publish"),
         partition_key=env.get("PG2K_PARTITION_KEY", "row"),
-        max_changes=int(env.get("PG2K_MAX_CHANGES", pipeline.DEFAULT_MAX_CHANGES)),
-        max_bytes=int(env.get("PG2K_MAX_BYTES", pipeline.DEFAULT_MAX_BYTES)),
+        max_changes=int(env.get("PG2K_MAX_CHANGES", window.DEFAULT_MAX_CHANGES)),
+        max_bytes=int(env.get("PG2K_MAX_BYTES", window.DEFAULT_MAX_BYTES)),
+        max_seconds=float(env.get("PG2K_MAX_SECONDS", window.DEFAULT_MAX_SECONDS)),
+        chunk_changes=int(env.get("PG2K_CHUNK_CHANGES", window.DEFAULT_CHUNK_CHANGES)),
+        spool_dir=_opt(env, "PG2K_SPOOL_DIR"),
         create_slot=_flag(env, "PG2K_CREATE_SLOT"),
     )
-    return {"postgres": postgres, "kinesis": kinesis, "replication": replication}
+    return {"postgres": postgres, "kinesis": kinesis, "replication": replication, HANDLES: window_handle_io_manager}
 
 
 def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
     env = os.environ if env is None else env
     slot_name = env.get("PG2K_SLOT_NAME", "pg2kinesis")
+    mode = env.get("PG2K_MODE", "micro").strip().lower() or "micro"
+    if mode not in MODES:
+        raise ConfigError(f"PG2K_MODE={mode!r}: use micro (a run per window, the default) or continuous")
+    continuous_runtime = float(env.get("PG2K_CONTINUOUS_MAX_RUNTIME_SECONDS", "1800"))
     job = build_replicate_job(slot_name)
+    continuous = build_continuous_job(slot_name, continuous_runtime)
+    history_assets, history_jobs, history_schedules = build_history(
+        start_date=env.get("PG2K_SUMMARY_START_DATE", "2026-01-01"),
+        retention_days=float(env.get("PG2K_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))),
+        spool_dir=_opt(env, "PG2K_SPOOL_DIR"),
+    )
     return Definitions(
-        assets=[replication_checkpoint, primary_key_metadata],
+        assets=[replication_checkpoint, primary_key_metadata, *history_assets],
         asset_checks=[build_lag_check(int(env.get("PG2K_MAX_LAG_BYTES", str(1024**3))))],
-        jobs=[job],
+        jobs=[job, continuous, *history_jobs],
         sensors=[
             build_sensor(
-                job,
+                [job, continuous],
                 default_running=_flag(env, "PG2K_SENSOR_RUNNING"),
                 interval_seconds=int(env.get("PG2K_SENSOR_INTERVAL_SECONDS", "5")),
+                settings=SensorSettings(mode=mode, continuous_max_runtime_seconds=continuous_runtime),
             )
         ],
-        schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name)],
+        schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name),
+                   *history_schedules],
         resources=build_resources(env),
     )
 

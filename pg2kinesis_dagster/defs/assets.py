@@ -1,7 +1,8 @@
 """Assets: the checkpoint history (materialized by each run's advance_slot) and primary-key metadata."""
+# Dagster inspects these annotations at runtime: no "from __future__ import annotations" here.
 
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetChecksDefinition,
@@ -19,18 +20,25 @@ from pg2kinesis_dagster.defs.resources import PostgresResource, ReplicationResou
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.slot import ReplicationSlot
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 replication_checkpoint = AssetSpec(
     CHECKPOINT_ASSET,
     description=(
-        "Where the slot stands. Every replicate run records a materialization with its start and end "
-        "LSN, transactions, changes, bytes, changes per table and operation, and the lag after "
-        "advancing: its history is the checkpoint history."
+        "Where the slot stands. Every replicate run (and a continuous run at most once a minute) records a "
+        "materialization with its start and end LSN, transactions, changes, bytes, changes per table and "
+        "operation, and the lag after advancing: its history is the checkpoint history (pruned with the runs; "
+        "replication_daily_summary keeps the long-term history)."
     ),
     group_name="pg2kinesis",
 )
 
 
-def table_keys_frame(tables: dict[tuple[str, str], TableKey]) -> pd.DataFrame:
+def table_keys_frame(tables: dict[tuple[str, str], TableKey]) -> "pd.DataFrame":
+    # Imported here: pandas takes a second to import, and every run worker imports this module.
+    import pandas as pd
+
     rows = [
         {
             "schema": key.schema,

@@ -6,16 +6,25 @@ empty and let libpq (``PGPASSWORD``, ``~/.pgpass``) and the AWS credential chain
 """
 
 
+from dataclasses import replace
+
 from dagster import ConfigurableResource, InitResourceContext
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr
 
-from pg2kinesis_dagster import pipeline
+from pg2kinesis_dagster.core import window
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 SLOT_TAG = "pg2kinesis/slot"
+# A run's PostgreSQL sessions carry its id in application_name: the sensor tells a run that still
+# works on its slot from one whose process is gone by looking for them in pg_stat_activity.
+RUN_APPLICATION_PREFIX = "pg2kinesis run "
+
+
+def run_application_name(run_id: str) -> str:
+    return f"{RUN_APPLICATION_PREFIX}{run_id}"
 
 
 class PostgresResource(ConfigurableResource):
@@ -99,11 +108,18 @@ class ReplicationResource(ConfigurableResource):
     no_primary_key: str = Field(default="publish", description="publish (keyed by table) or skip")
     partition_key: str = Field(default="row", description="row, table, xid or constant")
     partition_key_constant: str = "pg2kinesis"
-    max_changes: int = pipeline.DEFAULT_MAX_CHANGES
-    max_bytes: int = pipeline.DEFAULT_MAX_BYTES
+    max_changes: int = Field(default=window.DEFAULT_MAX_CHANGES, description="window budget: rows of plugin output")
+    max_bytes: int = Field(default=window.DEFAULT_MAX_BYTES, description="window budget: plugin output bytes")
+    max_seconds: float = Field(default=window.DEFAULT_MAX_SECONDS, description="window budget: seconds reading")
+    chunk_changes: int = Field(
+        default=window.DEFAULT_CHUNK_CHANGES, description="changes per chunk: what memory holds, what a crash resends"
+    )
+    chunk_bytes: int = window.DEFAULT_CHUNK_BYTES
+    spool_dir: str | None = Field(default=None, description="local folder for the window (default: system temp)")
     create_slot: bool = False
 
     _replicator: Replicator | None = PrivateAttr(default=None)
+    _run_id: str | None = PrivateAttr(default=None)
 
     def replication_settings(self) -> ReplicationSettings:
         return ReplicationSettings(
@@ -122,14 +138,26 @@ class ReplicationResource(ConfigurableResource):
             partition_key_constant=self.partition_key_constant,
             max_changes=self.max_changes,
             max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+            chunk_changes=self.chunk_changes,
+            chunk_bytes=self.chunk_bytes,
+            spool_dir=self.spool_dir,
             create_slot=self.create_slot,
         )
 
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._run_id = context.run_id
+
+    def postgres_settings(self) -> PostgresSettings:
+        """The connection settings, labelled with the run (if any) in ``application_name``."""
+        settings = self.postgres.settings()
+        if self._run_id:
+            settings = replace(settings, application_name=run_application_name(self._run_id))
+        return settings
+
     def replicator(self) -> Replicator:
         if self._replicator is None:
-            self._replicator = Replicator(
-                self.postgres.settings(), self.kinesis.sink(), self.replication_settings()
-            )
+            self._replicator = Replicator(self.postgres_settings(), self.kinesis.sink(), self.replication_settings())
         return self._replicator
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:

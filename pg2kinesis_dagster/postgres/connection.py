@@ -28,9 +28,12 @@ class PostgresSettings:
     password: str | None = field(default=None, repr=False)
     sslmode: str | None = None
     options: dict[str, str] = field(default_factory=dict)
+    # Shown in pg_stat_activity; a Dagster run puts its run id here, which is how a sensor tells a
+    # run that still works on the slot from one whose process died.
+    application_name: str = APPLICATION_NAME
 
     def connect_kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"application_name": APPLICATION_NAME}
+        kwargs: dict[str, object] = {"application_name": self.application_name}
         for name in ("host", "port", "dbname", "user", "password", "sslmode"):
             value = getattr(self, name)
             if value not in (None, ""):
@@ -38,7 +41,7 @@ class PostgresSettings:
         kwargs.update(self.options)
         return kwargs
 
-    def describe(self) -> str:
+    def describe(self, *, with_user: bool = True) -> str:
         """Where we connect, for messages: never the password."""
         params = psycopg2.extensions.parse_dsn(self.dsn) if self.dsn else {}
         kwargs = {**params, **self.connect_kwargs()}
@@ -46,7 +49,8 @@ class PostgresSettings:
         port = kwargs.get("port") or "(PGPORT or 5432)"
         db = kwargs.get("dbname") or "(PGDATABASE)"
         user = kwargs.get("user") or "(PGUSER)"
-        return f"database {db} on {host}:{port} as user {user}"
+        where = f"database {db} on {host}:{port}"
+        return f"{where} as user {user}" if with_user else where
 
     def connect(self, *, autocommit: bool = True) -> psycopg2.extensions.connection:
         try:

@@ -11,9 +11,10 @@ with the connection, so a crashed process never leaves it behind.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg2
@@ -45,6 +46,28 @@ def _connection_lost(exc: psycopg2.Error) -> bool:
     return not code or code.startswith(_CONNECTION_LOST_STATES)
 
 
+# This session holds the slot's lock: if the process on the other end vanishes without closing it (its
+# machine lost, a network partition), the server must notice within a minute and drop the lock, not when
+# TCP gives up hours later. USERSET settings, so any role may set them; a server without one skips it.
+_DEAD_PEER_SETTINGS = (
+    ("tcp_keepalives_idle", "20"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "4"),
+    ("client_connection_check_interval", "10000"),  # PostgreSQL 14+: checked during long queries too
+)
+
+
+def _detect_dead_peer(conn: psycopg2.extensions.connection) -> None:
+    for name, value in _DEAD_PEER_SETTINGS:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except psycopg2.Error:
+            if conn.closed:
+                raise
+            # Unknown setting (an older server) or refused by a proxy: keep the defaults.
+
+
 def _quote_ident(name: str) -> str:
     """An identifier as it must be written in SQL (for the fixes our messages suggest)."""
     if re.fullmatch(r"[a-z_][a-z0-9_]*", name or ""):
@@ -69,24 +92,6 @@ class SlotState:
     active_pid: int | None
     confirmed_flush_lsn: int | None
     restart_lsn: int | None
-
-
-@dataclass
-class PeekedRows:
-    """Whole transactions peeked from the slot, plus where to advance once they are published."""
-
-    rows: list[SlotRow]
-    # The slot's confirmed position when peeked: where this batch starts.
-    start_lsn: int
-    # The WAL position the peek was bounded by.
-    upto_lsn: int
-    # Where the slot may be advanced once every row is published: the last commit's LSN, or, when
-    # nothing was pending up to upto_lsn, upto_lsn itself (so an idle slot does not hold WAL).
-    advance_to: int | None
-    transactions: int
-    data_bytes: int
-    # True when the batch stopped at a size limit, so more is pending before upto_lsn.
-    limited: bool
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,15 @@ class ReplicationSlot:
         if self._conn is None or self._conn.closed:
             self._conn = self.settings.connect(autocommit=True)
             self._locked = False
+            _detect_dead_peer(self._conn)
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
+            if self._locked:
+                # Released before the session ends, so the next run (already waiting) gets it at once.
+                with contextlib.suppress(Exception):  # the session is going anyway; its end releases the lock
+                    self._query("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.name))
             self._conn.close()
         self._conn = None
         self._locked = False
@@ -299,95 +309,77 @@ class ReplicationSlot:
         )
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def has_pending(self) -> bool:
-        """Whether the slot holds at least one change: a cheap peek of one transaction."""
+    def has_pending(self, options: tuple[str, ...] = (), *, binary: bool = False) -> bool:
+        """Whether the slot holds at least one change: a cheap peek of one transaction.
+
+        ``options``/``binary``: the plugin's peek options (pgoutput needs its publication and binary peeks).
+        """
         self._require_exists()
+        function = "pg_logical_slot_peek_binary_changes" if binary else "pg_logical_slot_peek_changes"
+        query = sql.SQL("SELECT count(*) FROM {}(%s, NULL, 1, VARIADIC %s::text[])").format(sql.Identifier(function))
         try:
-            rows = self._query(
-                "SELECT count(*) FROM pg_logical_slot_peek_changes(%s, NULL, 1)", (self.name,)
-            )
+            rows = self._query(query, (self.name, list(options)))
         except psycopg2.Error as exc:
             raise self._translate(exc, "peek the slot") from None
         return bool(rows[0][0])
 
-    def peek(
+    def sessions_named(self, application_names: list[str]) -> set[str]:
+        """Which of ``application_names`` have a session on the server now (visible to every role)."""
+        if not application_names:
+            return set()
+        rows = self._query(
+            "SELECT DISTINCT application_name::text FROM pg_stat_activity WHERE application_name = ANY(%s)",
+            (application_names,),
+        )
+        return {name for (name,) in rows}
+
+    def read_rows(
         self,
         *,
         options: tuple[str, ...],
-        max_changes: int,
-        max_bytes: int,
-        is_commit: Callable[[str | bytes], bool],
-        upto_lsn: int | None = None,
+        upto_lsn: int,
+        upto_nchanges: int | None = None,
         binary: bool = False,
-    ) -> PeekedRows:
-        """Read whole transactions without consuming them.
+    ) -> Iterator[SlotRow]:
+        """Stream the slot's pending rows up to ``upto_lsn`` without consuming them.
 
-        A batch stops after the first transaction that reaches ``max_changes`` rows or ``max_bytes``
-        bytes of plugin output: it is always whole transactions, so one huge transaction makes one
-        batch larger than the limits.
+        PostgreSQL hands over whole transactions (``upto_nchanges`` stops after the transaction
+        that reaches it). Rows arrive through a server-side cursor in a transaction of their own, a
+        few thousand at a time: the caller may stop reading at any point (closing the generator
+        closes the cursor), and memory holds one fetch, not the result.
         """
         self.lock()
-        state = self._require_exists()
-        if upto_lsn is None:
-            upto_lsn = self.current_wal_lsn()
+        self._require_exists()
         function = "pg_logical_slot_peek_binary_changes" if binary else "pg_logical_slot_peek_changes"
         query = sql.SQL(
             "SELECT lsn::text, xid::text::bigint, data FROM {}(%s, %s::pg_lsn, %s, VARIADIC %s::text[])"
         ).format(sql.Identifier(function))
-        rows: list[SlotRow] = []
-        transactions = 0
-        data_bytes = 0
-        limited = False
-        last_commit: int | None = None
+        params = (self.name, format_lsn(upto_lsn), upto_nchanges, list(options))
         busy_until = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+        started = False
         while True:
-            # A separate transaction with a server-side cursor: rows stream in chunks, and we stop
-            # reading at a limit instead of pulling everything the function produced.
             conn = self.settings.connect(autocommit=False)
             try:
                 with conn.cursor(name=f"pg2k_peek_{self.name}") as cur:
                     cur.itersize = _FETCH_ROWS
-                    cur.execute(query, (self.name, format_lsn(upto_lsn), max_changes, list(options)))
-                    for lsn_text, xid, data in _iter_cursor(cur):
-                        if binary:
-                            data = bytes(data)
-                        lsn = parse_lsn(lsn_text)
-                        rows.append((lsn, xid, data))
-                        data_bytes += len(data)
-                        if is_commit(data):
-                            transactions += 1
-                            last_commit = lsn
-                            if len(rows) >= max_changes or data_bytes >= max_bytes:
-                                limited = True
-                                break
+                    cur.execute(query, params)
+                    while True:
+                        chunk = cur.fetchmany(_FETCH_ROWS)
+                        if not chunk:
+                            break
+                        started = True
+                        for lsn_text, xid, data in chunk:
+                            yield (parse_lsn(lsn_text), xid, bytes(data) if binary else data)
                 conn.rollback()
-                break
+                return
             except psycopg2.Error as exc:
                 # Another backend holds the slot for a moment (the sensor's one-row peek, a DBA's look):
                 # the slot is acquired before any row comes, so wait briefly instead of failing the run.
-                if exc.pgcode != "55006" or rows or time.monotonic() > busy_until:
+                if exc.pgcode != "55006" or started or time.monotonic() > busy_until:
                     raise self._translate(exc, "peek the slot") from None
                 time.sleep(0.2)
             finally:
                 conn.close()
-        # Rows after the last commit belong to a transaction we did not finish reading.
-        if last_commit is not None:
-            while rows and rows[-1][0] != last_commit:
-                rows.pop()
-        else:
-            rows = []
-        if len(rows) >= max_changes:
-            limited = True
-        advance_to = last_commit if last_commit is not None else (None if limited else upto_lsn)
-        return PeekedRows(
-            rows=rows,
-            start_lsn=state.confirmed_flush_lsn or 0,
-            upto_lsn=upto_lsn,
-            advance_to=advance_to,
-            transactions=transactions,
-            data_bytes=sum(len(r[2]) for r in rows),
-            limited=limited,
-        )
 
     # -- advancing ---------------------------------------------------------------------
     def advance(self, target: int) -> AdvanceResult:
@@ -451,11 +443,3 @@ class ReplicationSlot:
             f"could not {action} {self.name!r} ({self.settings.describe()}): {message} [{code}]: {fix}. "
             "The slot was not advanced."
         )
-
-
-def _iter_cursor(cur: psycopg2.extensions.cursor) -> Iterator[tuple]:
-    while True:
-        chunk = cur.fetchmany(cur.itersize)
-        if not chunk:
-            return
-        yield from chunk

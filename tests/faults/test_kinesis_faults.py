@@ -77,7 +77,7 @@ def test_throttling_partial_failures_and_timeouts_keep_order_and_completeness(
         counts = proxy.snapshot()
     records = read_json(moto_server, kinesis_stream)
     report = check_against_ledger(records, ledger)
-    report_line("throttling", {"seed": seed, "partition_key": partition_key, "batches": result.batches,
+    report_line("throttling", {"seed": seed, "partition_key": partition_key, "windows": result.windows,
                                "proxy": counts, **report.as_dict()})
     assert counts["put_partial"] >= 3 and counts["put_slow"] >= 1 and counts["put_reset"] >= 1
     assert counts.get("entry_ProvisionedThroughputExceededException", 0) + counts.get("entry_InternalFailure", 0) > 0

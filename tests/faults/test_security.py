@@ -16,7 +16,8 @@ import pytest
 from dagster import Definitions, EnvVar, instance_for_test
 
 from pg2kinesis_dagster.core.errors import ConfigError, SourceError
-from pg2kinesis_dagster.defs.jobs import build_replicate_job
+from pg2kinesis_dagster.defs.handles import window_handle_io_manager
+from pg2kinesis_dagster.defs.jobs import HANDLES, build_replicate_job
 from pg2kinesis_dagster.defs.resources import KinesisResource, PostgresResource, ReplicationResource
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
@@ -75,7 +76,7 @@ def test_least_privilege_role_runs_the_whole_pipeline(
     ledger = run_sample_workload(pg_conn, transactions=60, seed=71)
     drained = run_once(args, tmp_path, "drain", env=env)
     assert drained.poll() == 0, drained.stderr
-    assert json.loads(drained.stdout.strip().splitlines()[-1])["batches"] > 1
+    assert json.loads(drained.stdout.strip().splitlines()[-1])["windows"] > 1
     # Primary keys came from the catalogs (pk objects are checked against the ledger).
     assert_no_loss_no_reordering(check_against_ledger(read_json(moto_server, kinesis_stream), ledger),
                                  max_duplicates=0)
@@ -136,7 +137,8 @@ def test_no_secret_in_dagster_logs_events_run_config_or_errors(
 
     def run(resource: ReplicationResource) -> Any:
         # As deployed: the resources bound in Definitions; what the UI shows of them is the repository snapshot.
-        defs = Definitions(jobs=[build_replicate_job("secret_test")], resources={"replication": resource})
+        defs = Definitions(jobs=[build_replicate_job("secret_test")],
+                           resources={"replication": resource, HANDLES: window_handle_io_manager})
         texts.append(serialize_value(RepositorySnap.from_def(defs.get_repository_def())))
         return defs.get_job_def("replicate").execute_in_process(instance=instance, run_config=DEBUG_LOGS,
                                                                 raise_on_error=False)

@@ -28,8 +28,20 @@ class Decoder(Protocol):
     # Flat key/value list passed to pg_logical_slot_peek_changes (options after upto_nchanges).
     slot_options: tuple[str, ...]
 
-    def decode(self, rows: Iterable[SlotRow]) -> Iterator[Transaction]:
-        """Yield each complete (committed) transaction of ``rows``, in order."""
+    def is_commit(self, data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit row."""
+        ...
+
+    def commit_time(self, data: str | bytes) -> str | None:
+        """The commit time of a commit row, as ``decode`` stamps it on the transaction."""
+        ...
+
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
+        """Yield each complete (committed) transaction of ``rows``, in order.
+
+        With ``part_size``, a transaction with more changes is yielded in parts of that many
+        changes (``partial=True``, not yet stamped with their commit), then its last part.
+        """
         ...
 
 

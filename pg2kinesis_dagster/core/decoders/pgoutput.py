@@ -215,12 +215,26 @@ class PgOutputDecoder:
 
     # -- transactions --------------------------------------------------------------------
 
-    def decode(self, rows: Iterable[SlotRow]) -> Iterator[Transaction]:
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, bytes | bytearray | memoryview) and bytes(data[:1]) == b"C"
+
+    def commit_time(self, data: str | bytes) -> str | None:
+        """The commit time a Commit message carries, as :meth:`decode` stamps it."""
+        try:
+            return format_commit_time(_COMMIT.unpack_from(data, 1)[3], self._tz)  # type: ignore[arg-type]
+        except (struct.error, TypeError) as exc:
+            raise DecodeError(f"malformed pgoutput Commit message ({exc})", text=data) from None
+
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
-        Streams: only the transaction being read is held; a trailing transaction
-        without its Commit is not yielded.
+        Streams: only the transaction being read is held, and with ``part_size`` at most that
+        many of its changes (:meth:`Transaction.split` parts); a trailing transaction without
+        its Commit is not yielded.
         """
+        part_limit = part_size or 1 << 62
         txn: Transaction | None = None
         for lsn, xid, data in rows:
             if not isinstance(data, bytes | bytearray | memoryview):
@@ -237,6 +251,8 @@ class PgOutputDecoder:
                                           lsn=lsn, text=data)
                     txn.size += len(data)
                     self._change(kind, data, lsn, txn)
+                    if len(txn.changes) >= part_limit:
+                        yield txn.split()
                 elif kind == _MSG_BEGIN:
                     if txn is not None:
                         raise DecodeError("Begin while the previous transaction has no Commit",
@@ -351,8 +367,8 @@ class PgOutputDecoder:
                 rel = self._relations.get(_U32.unpack_from(data, 6 + 4 * i)[0])
                 if rel is None:
                     raise ValueError("TRUNCATE of a relation without a Relation message before it")
-                out.append(Change(txn.xid, lsn, len(out), rel.schema, rel.table, Operation.TRUNCATE,
-                                  truncate_flags=flags))
+                out.append(Change(txn.xid, lsn, txn.first_index + len(out), rel.schema, rel.table,
+                                  Operation.TRUNCATE, truncate_flags=flags))
             return
         rel = self._rel(data)
         marker = data[5]
@@ -381,7 +397,7 @@ class PgOutputDecoder:
             op = Operation.DELETE
         if pos != len(data):
             raise ValueError(f"{len(data) - pos} bytes after the tuple data")
-        out.append(Change(txn.xid, lsn, len(out), rel.schema, rel.table, op, after, before))
+        out.append(Change(txn.xid, lsn, txn.first_index + len(out), rel.schema, rel.table, op, after, before))
 
     def _tuple(self, data: bytes, pos: int, rel: _Relation, old: bool) -> tuple[tuple[Column, ...], int]:
         """TupleData at ``pos``: the columns and the position after them.

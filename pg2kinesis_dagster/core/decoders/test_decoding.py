@@ -82,6 +82,8 @@ _TRUNCATE_FLAGS: dict[str, tuple[str, ...]] = {
 # every line, so unquoting once and sharing the strings saves time and memory.
 # Bounded so that a stream of ever-new names cannot grow them without limit.
 _CACHE_LIMIT = 10_000
+# decode() without a part size: transactions are yielded whole.
+_NO_LIMIT = 1 << 62
 
 
 # Cached per column header: (name, type, prebuilt columns for the special words).
@@ -117,12 +119,27 @@ class TestDecodingDecoder:
         self._headers: dict[str, _Header] = {}
         self._tables: dict[str, tuple[str, str]] = {}
 
-    def decode(self, rows: Iterable[SlotRow]) -> Iterator[Transaction]:
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, str) and data.startswith("COMMIT")
+
+    @staticmethod
+    def commit_time(data: str | bytes) -> str | None:
+        """The commit time a commit row carries, as :meth:`decode` stamps it."""
+        m = _COMMIT.fullmatch(data) if isinstance(data, str) else None
+        if m is None:
+            raise DecodeError("malformed COMMIT line", text=data)
+        return m.group(2)
+
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
-        Streams: only the transaction being read is held. A trailing
-        transaction without its COMMIT is not yielded (it is not complete).
+        Streams: only the transaction being read is held, and with ``part_size`` at most that
+        many of its changes (:meth:`Transaction.split` parts). A trailing transaction without its
+        COMMIT is not yielded (it is not complete).
         """
+        part_limit = part_size or _NO_LIMIT
         txn: Transaction | None = None
         changes: list[Change] = []
         begin_xid: str | None = None
@@ -134,7 +151,10 @@ class TestDecodingDecoder:
                     raise DecodeError("row change outside a transaction (no BEGIN before it)",
                                       lsn=lsn, text=data)
                 txn.size += len(data)
-                self._change(data, lsn, txn.xid, changes)
+                self._change(data, lsn, txn, changes)
+                if len(changes) >= part_limit:
+                    yield txn.split()
+                    changes = txn.changes
             elif data.startswith("BEGIN"):
                 m = _BEGIN.fullmatch(data)
                 if m is None:
@@ -172,10 +192,10 @@ class TestDecodingDecoder:
 
     # -- row changes -----------------------------------------------------------------
 
-    def _change(self, line: str, lsn: int, xid: int, out: list[Change]) -> None:
+    def _change(self, line: str, lsn: int, txn: Transaction, out: list[Change]) -> None:
         head = _ROW_HEAD.match(line)
         if head is None:
-            self._truncate(line, lsn, xid, out)
+            self._truncate(line, lsn, txn, out)
             return
         qualified = head.group(1)
         names = self._tables.get(qualified)
@@ -202,9 +222,9 @@ class TestDecodingDecoder:
             after = self._tuple_or_none(line, pos, end, lsn)
         else:  # DELETE
             before = self._tuple_or_none(line, pos, end, lsn)
-        out.append(Change(xid, lsn, len(out), names[0], names[1], _OPS[op], after, before))
+        out.append(Change(txn.xid, lsn, txn.first_index + len(out), names[0], names[1], _OPS[op], after, before))
 
-    def _truncate(self, line: str, lsn: int, xid: int, out: list[Change]) -> None:
+    def _truncate(self, line: str, lsn: int, txn: Transaction, out: list[Change]) -> None:
         m = _TRUNCATE.fullmatch(line)
         if m is None:
             raise DecodeError("malformed table line (expected INSERT, UPDATE, DELETE or TRUNCATE)",
@@ -213,8 +233,8 @@ class TestDecodingDecoder:
         # The list matched as "qn(, qn)*" with quote-aware tokens, so finditer
         # walks exactly those names (a quoted name may contain ", " or ".").
         for qualified in _QUALIFIED.finditer(m.group(1)):
-            out.append(Change(xid, lsn, len(out), _unquote(qualified.group(1)), _unquote(qualified.group(2)),
-                              Operation.TRUNCATE, truncate_flags=flags))
+            out.append(Change(txn.xid, lsn, txn.first_index + len(out), _unquote(qualified.group(1)),
+                              _unquote(qualified.group(2)), Operation.TRUNCATE, truncate_flags=flags))
 
     def _table_names(self, qualified: str, schema: str, table: str) -> tuple[str, str]:
         if len(self._tables) >= _CACHE_LIMIT:

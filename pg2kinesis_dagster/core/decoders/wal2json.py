@@ -134,12 +134,26 @@ class Wal2JsonDecoder:
 
     # -- transactions --------------------------------------------------------------------
 
-    def decode(self, rows: Iterable[SlotRow]) -> Iterator[Transaction]:
+    @staticmethod
+    def is_commit(data: str | bytes) -> bool:
+        """Whether a row is a transaction's commit (where a slot may be advanced to)."""
+        return isinstance(data, str) and '"action":"C"' in data[:40]
+
+    def commit_time(self, data: str | bytes) -> str | None:
+        """The commit time a commit document carries, as :meth:`decode` stamps it."""
+        try:
+            return self._json.decode(data).get("timestamp")  # type: ignore[arg-type]
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DecodeError(f"invalid wal2json commit document ({exc})", text=data) from None
+
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
-        Streams: only the transaction being read is held; a trailing transaction
-        without its commit document is not yielded.
+        Streams: only the transaction being read is held, and with ``part_size`` at most that
+        many of its changes (:meth:`Transaction.split` parts); a trailing transaction without
+        its commit document is not yielded.
         """
+        part_limit = part_size or 1 << 62
         txn: Transaction | None = None
         parse = self._json.decode
         for lsn, xid, data in rows:
@@ -154,6 +168,8 @@ class Wal2JsonDecoder:
                                           lsn=lsn, text=data)
                     txn.size += len(data)
                     self._change(doc, _OPS[action], lsn, txn)
+                    if len(txn.changes) >= part_limit:
+                        yield txn.split()
                 elif action == "B":
                     if txn is not None:
                         raise DecodeError("B while the previous transaction has no C", lsn=lsn, text=data)
@@ -173,8 +189,10 @@ class Wal2JsonDecoder:
                         raise DecodeError("TRUNCATE outside a transaction", lsn=lsn, text=data)
                     txn.size += len(data)
                     changes = txn.changes
-                    changes.append(Change(txn.xid, lsn, len(changes), doc["schema"], doc["table"],
-                                          Operation.TRUNCATE))
+                    changes.append(Change(txn.xid, lsn, txn.first_index + len(changes), doc["schema"],
+                                          doc["table"], Operation.TRUNCATE))
+                    if len(changes) >= part_limit:
+                        yield txn.split()
                 elif action == "M":
                     # pg_logical_emit_message(): no row change; counts towards the size.
                     if txn is not None:
@@ -210,7 +228,7 @@ class Wal2JsonDecoder:
             if identity is not None:
                 before = tuple(c for c in self._columns(identity) if c.value is not None or c.unchanged_toast)
         changes = txn.changes
-        changes.append(Change(txn.xid, lsn, len(changes), schema, table, op, after, before))
+        changes.append(Change(txn.xid, lsn, txn.first_index + len(changes), schema, table, op, after, before))
 
     def _columns(self, raw: Sequence[dict[str, Any]]) -> tuple[Column, ...]:
         types = self._types

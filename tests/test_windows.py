@@ -1,0 +1,178 @@
+"""Windows in chunks on the real stack: huge transactions, checkpoints while publishing, the spool as a cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pg2kinesis_dagster.core.batching import Record
+from pg2kinesis_dagster.core.changes import parse_lsn
+from pg2kinesis_dagster.devstack.moto import MotoServer
+from pg2kinesis_dagster.devstack.postgres import PostgresServer
+from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
+from pg2kinesis_dagster.kinesis.sink import PutReport
+from pg2kinesis_dagster.pipeline import Replicator
+from tests.helpers import (
+    assert_matches_ledger,
+    check_against_ledger,
+    confirmed_flush,
+    make_replicator,
+    read_json,
+)
+
+
+class PutFails(Exception):
+    pass
+
+
+def fail_on_put(replicator: Replicator, number: int) -> list[int]:
+    """Make the replicator's ``number``-th sink.put raise (after nothing of it was sent); returns put sizes."""
+    real_put = replicator.sink.put
+    sizes: list[int] = []
+
+    def put(records: Sequence[Record]) -> PutReport:
+        if len(sizes) + 1 == number:
+            raise PutFails(f"injected failure of put {number}")
+        sizes.append(len(records))
+        return real_put(records)
+
+    replicator.sink.put = put  # type: ignore[method-assign]
+    return sizes
+
+
+@pytest.fixture
+def sample_db(pg_database: str, pg_conn) -> str:
+    create_sample_schema(pg_conn)
+    return pg_database
+
+
+def test_one_huge_transaction_is_read_formatted_and_published_in_chunks(
+    pg_server: PostgresServer, pg_database: str, pg_conn, moto_server: MotoServer, kinesis_stream: str
+) -> None:
+    rows = 12_000
+    with pg_conn.cursor() as cur:
+        cur.execute("CREATE TABLE big (id int PRIMARY KEY, body text)")
+    with make_replicator(pg_server, pg_database, moto_server, kinesis_stream, chunk_changes=1000) as r:
+        r.prepare()
+        before = confirmed_flush(pg_server, pg_database)
+        with pg_conn.cursor() as cur:
+            cur.execute("INSERT INTO big SELECT i, repeat('x', 50) || i FROM generate_series(1, %s) i", (rows,))
+        window = r.peek()
+        assert window.transactions == 1 and window.row_chunks >= rows // 1000
+        formatted = r.format(window)
+        assert formatted.chunk_count >= rows // 1000
+        # Only the chunk that ends the transaction may move the slot.
+        assert [c.advance_to is not None for c in formatted.chunks].count(True) == 1
+        assert formatted.chunks[-1].advance_to == window.last_commit_lsn
+
+        sizes = fail_on_put(r, 5)
+        with pytest.raises(PutFails):
+            r.publish(formatted)
+        assert len(sizes) == 4 and max(sizes) <= 2000
+        assert confirmed_flush(pg_server, pg_database) == before, "moved inside a transaction"
+
+    with make_replicator(pg_server, pg_database, moto_server, kinesis_stream, chunk_changes=1000) as r:
+        r.drain()
+    records = read_json(moto_server, kinesis_stream)
+    unique = {rec["id"]: rec for rec in records}
+    assert len(unique) == rows
+    # The acknowledged part of the open transaction was remembered: nothing was sent twice.
+    assert len(records) == rows
+    commits = {rec["commit_lsn"] for rec in unique.values()}
+    assert len(commits) == 1
+    # Ids are the whole transaction's indexes, across chunks and after the rerun.
+    assert sorted(int(i.rpartition(":")[2]) for i in unique) == list(range(rows))
+    assert sorted(int(rec["pk"]["id"]) for rec in unique.values()) == list(range(1, rows + 1))
+    assert parse_lsn(confirmed_flush(pg_server, pg_database) or "0/0") >= parse_lsn(commits.pop())
+
+
+def test_publishing_checkpoints_the_slot_so_a_failure_resends_only_the_chunk_in_flight(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=100) as r:
+        r.prepare()
+        before = confirmed_flush(pg_server, sample_db)
+        ledger = run_sample_workload(pg_conn, transactions=200, seed=21)
+        formatted = r.format(r.peek())
+        assert formatted.chunk_count >= 5
+        sizes = fail_on_put(r, 4)
+        with pytest.raises(PutFails):
+            r.publish(formatted)
+        after_failure = confirmed_flush(pg_server, sample_db)
+        assert after_failure != before, "no checkpoint while publishing"
+        # The slot stands at the last commit of the third chunk: everything up to it is acknowledged.
+        assert parse_lsn(after_failure or "0/0") == formatted.chunks[2].advance_to
+        published_before = len(read_json(moto_server, kinesis_stream))
+        assert published_before == sum(sizes)
+
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=100) as r:
+        r.drain()
+    records = read_json(moto_server, kinesis_stream)
+    report = check_against_ledger(records, ledger)
+    # Only the third chunk's transaction tail can be sent twice: records after its last commit.
+    assert report.ok and report.unique == report.expected, report.as_dict()
+    assert report.duplicates <= formatted.chunks[2].records
+
+
+def test_a_gone_spool_is_read_again_from_the_slot(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str,
+    spool_root: str,
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=150) as r:
+        r.prepare()
+        ledger = run_sample_workload(pg_conn, transactions=120, seed=4)
+        window = r.peek()
+        # Changes committed after the window was read are not part of it, read again or not.
+        later = run_sample_workload(pg_conn, transactions=10, seed=5)
+        spool = r.spool.window(r.spool_key, window.window_id)
+        assert spool.rows_manifest() is not None
+        spool.remove()
+        formatted = r.format(window)  # rows gone: read again from the slot, up to the window's last commit
+        assert formatted.stats.transactions == window.transactions
+        spool.remove()
+        published = r.publish(formatted)  # rows and records gone: both rebuilt
+        assert published.checkpoint_lsn == window.last_commit_lsn
+        r.finish(published)
+        assert not spool.exists()
+        assert_matches_ledger(read_json(moto_server, kinesis_stream), ledger)
+        r.drain()
+    records = read_json(moto_server, kinesis_stream)
+    report = check_against_ledger(records, list(ledger.transactions) + list(later.transactions))
+    assert report.ok and report.duplicates == 0, report.as_dict()
+    assert not any(Path(spool_root).glob(f"{r.spool_key}/*")), "a finished window left its spool"
+
+
+def test_rerunning_publish_after_a_checkpoint_skips_what_the_slot_passed(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=100) as r:
+        r.prepare()
+        ledger = run_sample_workload(pg_conn, transactions=150, seed=8)
+        formatted = r.format(r.peek())
+        fail_on_put(r, 3)
+        with pytest.raises(PutFails):
+            r.publish(formatted)
+        sent = len(read_json(moto_server, kinesis_stream))
+        r.sink.put = type(r.sink).put.__get__(r.sink)  # type: ignore[method-assign]
+        published = r.publish(formatted)  # the same window again, as "re-execute from failure" does
+        r.finish(published)
+    assert published.put.skipped_records >= sent - formatted.chunks[1].records
+    report = check_against_ledger(read_json(moto_server, kinesis_stream), ledger)
+    assert report.ok and report.unique == report.expected, report.as_dict()
+    assert report.duplicates <= formatted.chunks[1].records
+
+
+def test_budget_limits_end_a_window_at_a_commit(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, max_changes=250, chunk_changes=60) as r:
+        r.prepare()
+        ledger = run_sample_workload(pg_conn, transactions=150, seed=12)
+        first = r.peek()
+        assert first.limited and first.rows >= 250
+        assert first.advance_to == first.last_commit_lsn
+        result = r.drain()
+    assert result.windows >= 2
+    assert_matches_ledger(read_json(moto_server, kinesis_stream), ledger)
