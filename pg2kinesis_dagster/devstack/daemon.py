@@ -459,9 +459,35 @@ class DagsterDaemon:
             code = self._proc.returncode if self._proc else None
             raise DaemonError(f"dagster-daemon exited ({code}); log:\n{self.log_tail()}")
 
-    def instance(self) -> DagsterInstance:
-        """The instance on this DAGSTER_HOME, as the daemon sees it (opened once, closed by stop())."""
+    def storage_initialized(self) -> bool:
+        """Whether the daemon created its SQLite storage: it has written a heartbeat into ``history/runs.db``.
+
+        Read with plain sqlite3, read-only: opening a DagsterInstance creates any missing table, and doing that
+        while the starting daemon creates the same ones makes one of the two fail ("table ... already exists"),
+        which kills a daemon at startup.
+        """
+        runs_db = self.home / "history" / "runs.db"
+        if not runs_db.exists() or not (self.home / "schedules" / "schedules.db").exists():
+            return False
+        try:
+            conn = sqlite3.connect(f"file:{runs_db}?mode=ro", uri=True, timeout=5)
+            try:
+                return bool(conn.execute("SELECT count(*) FROM daemon_heartbeats").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+
+    def instance(self, timeout: float = 180) -> DagsterInstance:
+        """The instance on this DAGSTER_HOME, as the daemon sees it (opened once, closed by stop()).
+
+        The first call waits (up to ``timeout``) until the daemon created its storage; see
+        :meth:`storage_initialized`.
+        """
         if self._instance is None:
+            if self.running:
+                wait_for(lambda: self.check_alive() or self.storage_initialized(), timeout,
+                         "dagster-daemon to create its storage", interval=0.1)
             ref = InstanceRef.from_dir(str(self.home))
             self._instance = _sqlite_retrying(lambda: DagsterInstance.from_ref(ref))
         return self._instance
