@@ -39,9 +39,11 @@ Scenarios (flags; none given = the default set: drain, drain-plain, storage, lat
   (``PG2K_MODE=continuous``; skipped, saying so, when the code location has no ``replicate_continuous``
   job), ``--job both`` (default).
 ``--rss``: one transaction of 1,000,000 rows (``--rss-rows``) drained by ``pg2k --once --aggregate`` (peak
-  RSS: the child's ``ru_maxrss`` from ``wait4``, cross-checked by polling ``/proc/<pid>/status`` VmHWM) and by
-  sensor-launched aggregated runs (peak RSS: VmHWM of each run worker process, polled every 50 ms from its
-  "Started process" event until it exits; the largest run is reported).
+  RSS: GNU time's maximum resident set size of pg2k, cross-checked by polling ``/proc/<pid>/status`` VmHWM
+  every 50 ms; not ``wait4`` from this process, whose ru_maxrss would include this benchmark's own resident
+  set inherited across fork and exec) and by sensor-launched aggregated runs (peak RSS: VmHWM of each run
+  worker process, polled every 50 ms from its "Started process" event until it exits; the largest run is
+  reported).
 ``--duplicates``: a 200k-change window (``--dup-changes``) drained by ``pg2k --once --aggregate`` with
   default batch sizes (``--dup-plain``: without ``--aggregate``, slow, see below; ``--dup-max-changes`` sets
   ``--max-changes``). One slot per contender, all created at the same LSN before the window is written. An
@@ -345,8 +347,8 @@ class Pg2kRun:
     spawned_at: float
     exited_at: float
     returncode: int
-    max_rss_kib: int  # ru_maxrss of the process (wait4)
-    vmhwm_kib: int | None  # last VmHWM polled from /proc
+    max_rss_kib: int | None  # pg2k's own ru_maxrss, as GNU time reports it (None without /usr/bin/time)
+    vmhwm_kib: int | None  # the last VmHWM polled from /proc/<pg2k pid>/status
     stdout: str
     stderr: str
     drained_at: float | None = None
@@ -355,13 +357,39 @@ class Pg2kRun:
     def wall(self) -> float:
         return self.exited_at - self.spawned_at
 
+    @property
+    def peak_kib(self) -> int | None:
+        """GNU time's figure when there is one (the kernel's own, misses nothing), else the polled VmHWM."""
+        return self.max_rss_kib if self.max_rss_kib is not None else self.vmhwm_kib
+
     def summary(self) -> dict[str, Any]:
         lines = self.stdout.strip().splitlines()
         return json.loads(lines[-1]) if lines else {}
 
+    def windows(self) -> Any:
+        """How many batches (before issue 7) or windows (after) ``pg2k --once`` says it took."""
+        summary = self.summary()
+        return summary.get("windows", summary.get("batches", "?"))
+
+
+GNU_TIME = Path("/usr/bin/time")
+_RSS_MARKER = "PG2K_BENCH_MAX_RSS_KB="
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
 
 class Pg2kProcess:
-    """One ``pg2k``; output to files; :meth:`wait` reaps it with ``wait4`` for its own peak RSS."""
+    """One ``pg2k``, output to files, under GNU time when there is one.
+
+    Why GNU time and not ``wait4`` on pg2k: the kernel carries a process's pre-``exec`` high-water mark into its
+    ``ru_maxrss``, and a child forked (or vforked) from this benchmark starts with the benchmark's own resident
+    set, hundreds of MB after a few scenarios; ``time`` is a small process, so pg2k's figure is its own.
+    """
 
     def __init__(self, args: list[str], workdir: Path, name: str) -> None:
         self.out_path = workdir / f"{name}.out"
@@ -369,29 +397,47 @@ class Pg2kProcess:
         # The same spool folder as the code location's (PG2K_SPOOL_DIR; the CLI reads it too, where it has one).
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG2K_")}
         env["PG2K_SPOOL_DIR"] = str(workdir / "spool")
+        timed = GNU_TIME.exists()
+        command = [str(GNU_TIME), "-f", f"{_RSS_MARKER}%M", *args] if timed else args
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.spawned_at = time.time()
-            self.proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        self.poller = PeakRssPoller(self.proc.pid).start()
+            self.proc = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        self.pid = self.proc.pid
+        self._status: int | None = None
+        if timed:
+            self.pid = wait_for(lambda: (_children(self.proc.pid) or [None])[0] or (self.exited() and -1), 30,
+                                "pg2k to start under GNU time", interval=0.001)
+        self.poller = PeakRssPoller(self.pid).start() if self.pid > 0 else None
+
+    def exited(self) -> bool:
+        """Whether the process exited (without reaping it, so that wait() still gets its status)."""
+        if self._status is not None:
+            return True
+        info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return info is not None
 
     def kill(self) -> None:
+        """SIGKILL pg2k itself (GNU time then reports and exits)."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.kill(self.pid if self.pid > 0 else self.proc.pid, signal.SIGKILL)
 
     def wait(self, timeout: float) -> Pg2kRun:
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"pg2k did not exit within {timeout:.0f}s: {self.err_path.read_text()[-2000:]}")
-            time.sleep(0.02)  # polling interval of a bounded wait
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait(30)
+            tail = self.err_path.read_text()[-2000:]
+            raise TimeoutError(f"pg2k did not exit within {timeout:.0f}s: {tail}") from None
         exited_at = time.time()
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        return Pg2kRun(self.spawned_at, exited_at, self.proc.returncode, usage.ru_maxrss, self.poller.stop(),
-                       self.out_path.read_text(errors="replace"), self.err_path.read_text(errors="replace"))
+        self._status = self.proc.returncode
+        stderr = self.err_path.read_text(errors="replace")
+        marks = [line for line in stderr.splitlines() if line.startswith(_RSS_MARKER)]
+        max_rss = int(marks[-1][len(_RSS_MARKER):]) if marks else None
+        stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith(_RSS_MARKER))
+        return Pg2kRun(self.spawned_at, exited_at, self.proc.returncode, max_rss,
+                       self.poller.stop() if self.poller else None,
+                       self.out_path.read_text(errors="replace"), stderr)
 
 
 def run_pg2k(stack: Stack, args: list[str], name: str, timeout: float, *, conn: psycopg2.extensions.connection
@@ -401,7 +447,7 @@ def run_pg2k(stack: Stack, args: list[str], name: str, timeout: float, *, conn: 
     drained_at = None
     if conn is not None and slot is not None and end_lsn is not None:
         def alive() -> None:
-            if proc.proc.poll() is not None:
+            if proc.exited():
                 raise RuntimeError(f"pg2k exited before the slot reached the end: {proc.err_path.read_text()[-2000:]}")
         with contextlib.suppress(RuntimeError):
             drained_at = wait_slot(conn, slot, end_lsn, timeout, "pg2k to drain the backlog", alive)
@@ -568,7 +614,7 @@ def report_drain(result: DrainResult) -> None:
         ("drain time from daemon start", secs(result.dagster_seconds_from_start), "", ""),
         ("changes/s from daemon start", rate(result.changes / result.dagster_seconds_from_start), "",
          ratio(p, result.dagster_seconds_from_start)),
-        ("runs / pg2k batches", len(c.runs), result.pg2k.summary().get("batches", "?"), ""),
+        ("runs / pg2k batches", len(c.runs), result.pg2k.windows(), ""),
         ("pg2k's own drain seconds (its --once summary)", "", secs(result.pg2k.summary().get("seconds")), ""),
         ("run statuses", ",".join(sorted({r.status for r in c.runs})), "", ""),
         ("mean queued (created -> started)", secs(mean(c.queued)), "", ""),
@@ -785,7 +831,7 @@ def rss(stack: Stack, rows: int, timeout: float) -> RssResult:
         say(f"[rss] one transaction of {rows:,} rows ({time.perf_counter() - t0:.1f}s to write and peek once)")
         pg2k = run_pg2k(stack, stack.pg2k_args(db, slots[1], streams[1], "--once", "--aggregate"), "rss", timeout,
                         conn=conn, slot=slots[1], end_lsn=end_lsn)
-        say(f"[rss] pg2k --once --aggregate: peak RSS {mib(pg2k.max_rss_kib * 1024)} in {pg2k.wall:.1f}s")
+        say(f"[rss] pg2k --once --aggregate: peak RSS {mib((pg2k.peak_kib or 0) * 1024)} in {pg2k.wall:.1f}s")
 
         env = stack.env(db, slots[0], streams[0], PG2K_AGGREGATE="1")
         peaks: list[tuple[str, int | None, float | None]] = []
@@ -814,7 +860,7 @@ def rss(stack: Stack, rows: int, timeout: float) -> RssResult:
                 peaks.append((run_id, poller.peak_kib, took))
             missed = [r for r in runs if r not in pollers]
             if missed:
-                say(f"[rss] warning: no worker pid caught for runs {missed} (they ended between two polls)")
+                say(f"[rss] not measured: runs {missed}, whose worker exited before its pid could be read (short runs)")
             first_created = min(r.created for r in runs.values())
             home = measure_home(daemon.home)
         return RssResult(rows, pg2k, (pg2k.drained_at or pg2k.exited_at) - pg2k.spawned_at, peaks,
@@ -829,10 +875,10 @@ def rss(stack: Stack, rows: int, timeout: float) -> RssResult:
 def report_rss(result: RssResult) -> None:
     peak = max((p for _, p, _ in result.dagster_peaks if p is not None), default=None)
     rows = [
-        ("peak RSS", mib(peak * 1024 if peak else None), mib(result.pg2k.max_rss_kib * 1024),
-         ratio(peak, result.pg2k.max_rss_kib)),
-        ("cross-check: last VmHWM polled", "", mib((result.pg2k.vmhwm_kib or 0) * 1024), ""),
-        ("runs / batches", len(result.dagster_peaks), result.pg2k.summary().get("batches", "?"), ""),
+        ("peak RSS (run worker: VmHWM polled; pg2k: GNU time's max RSS)", mib(peak * 1024 if peak else None),
+         mib((result.pg2k.peak_kib or 0) * 1024), ratio(peak, result.pg2k.peak_kib)),
+        ("cross-check: pg2k's VmHWM polled", "", mib((result.pg2k.vmhwm_kib or 0) * 1024), ""),
+        ("runs / batches", len(result.dagster_peaks), result.pg2k.windows(), ""),
         ("time to publish (first run created / spawned -> slot at end)", secs(result.dagster_seconds),
          secs(result.pg2k_seconds), ""),
     ]
@@ -851,6 +897,7 @@ class KillTrial:
     """One victim slot: pg2k SIGKILLed at ``fraction`` x the twin's drain time, then a new pg2k finished it."""
 
     fraction: float
+    killed: bool  # False: pg2k had already finished the window when the kill was due
     kill_after: float  # seconds from the victim's spawn to the SIGKILL
     arrived_before_kill: int  # changes whose Kinesis arrival timestamp is at or before the kill
     checkpointed_at_kill: int  # unique changes at or before the slot's position after the kill
@@ -902,8 +949,9 @@ def kill_trial(stack: Stack, conn: psycopg2.extensions.connection, db: str, slot
                extra: Sequence[str]) -> KillTrial:
     victim = Pg2kProcess(stack.pg2k_args(db, slot, stream, "--once", *extra), stack.workdir, f"{slot}-killed")
     kill_time = victim.spawned_at + twin_seconds * fraction
-    wait_for(lambda: time.time() >= kill_time or victim.proc.poll() is not None, twin_seconds + 60,
+    wait_for(lambda: time.time() >= kill_time or victim.exited(), twin_seconds + 60,
              f"{fraction:.0%} of the twin's drain time", interval=0.005)
+    killed = not victim.exited()
     victim.kill()
     killed_at = time.time()
     victim.wait(60)
@@ -916,14 +964,15 @@ def kill_trial(stack: Stack, conn: psycopg2.extensions.connection, db: str, slot
     unique = {r.change["id"]: r for r in records}.values()
     checkpointed = sum(1 for r in unique if at_kill and lsn_int(r.change["id"].rpartition(":")[0]) <= lsn_int(at_kill))
     before_kill = sum(1 for r in records if r.arrival <= killed_at)
-    return KillTrial(fraction, killed_at - victim.spawned_at, before_kill, checkpointed,
+    return KillTrial(fraction, killed, killed_at - victim.spawned_at, before_kill, checkpointed,
                      check_delivery(records, backlog))
 
 
 def report_duplicates(r: DuplicatesResult, extra: Sequence[str]) -> None:
     rows = [("undisturbed twin", "-", "-", "-", f"{r.twin.records:,}", f"{r.twin.duplicates:,}", "-", r.twin.lost)]
     for t in r.trials:
-        rows.append((f"SIGKILL at {t.fraction:.0%} of the twin's time", secs(t.kill_after),
+        label = f"SIGKILL at {t.fraction:.0%} of the twin's time" + ("" if t.killed else " (had already exited)")
+        rows.append((label, secs(t.kill_after),
                      f"{t.arrived_before_kill:,}", f"{t.checkpointed_at_kill:,}", f"{t.delivery.records:,}",
                      f"{t.delivery.duplicates:,}", f"{100 * t.delivery.duplicates / r.window:.1f}%", t.delivery.lost))
     table(f"duplicates after one SIGKILL of pg2k --once {' '.join(extra)} in a {r.window:,}-change window "
@@ -1007,7 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "rss" in chosen:
             result = rss(stack, args.rss_rows, args.timeout)
             report_rss(result)
-            figures["rss"] = {"pg2k_kib": result.pg2k.max_rss_kib, "dagster": result.dagster_peaks}
+            figures["rss"] = {"pg2k_kib": result.pg2k.peak_kib, "pg2k_vmhwm_kib": result.pg2k.vmhwm_kib,
+                              "dagster": result.dagster_peaks}
         if "duplicates" in chosen:
             extra = ([] if args.dup_plain else ["--aggregate"]) + (
                 ["--max-changes", str(args.dup_max_changes)] if args.dup_max_changes else [])
