@@ -26,12 +26,16 @@ Scenarios (flags; none given = the default set: drain, drain-plain, storage, lat
   changes/s over pg2k's. Per run: queued (creation -> start), in run (start -> end), waiting (end -> the
   next run's creation); "prompt" = the next run was requested by the sensor's first tick that started after
   the previous run ended. Delivery is checked: unique ids read back from the stream = backlog changes.
+  ``--max-changes N`` sets both contenders' per-run (per-batch) budget, e.g. to make the backlog take several
+  runs; by default each uses the code's own default.
 ``--storage``: what those drain runs left in their (shared) DAGSTER_HOME (see
   ``pg2kinesis_dagster.devstack.daemon`` for the layout): per run the event-log file
   ``history/runs/<run_id>.db``, its rows in the index shard, its ``storage/<run_id>/`` (IO manager pickles,
-  compute logs); totals; and an extrapolation to a day (assumptions printed with it).
-``--storage-scale`` (not in the default set: ~10 minutes on the current code): one DAGSTER_HOME, aggregated;
-  DAGSTER_HOME's size after replicating 100k changes and again after 1M in total.
+  compute logs); totals; and an extrapolation to a day (assumptions printed with it). The event-log file's
+  size on disk includes SQLite's fixed overhead (pages for its tables and indexes: an almost empty one is
+  over 100 KiB); the serialized size of the run's events is shown next to it.
+``--storage-scale`` (not in the default set; ~15 minutes before issue 7's pipeline, a few after): one
+  DAGSTER_HOME, aggregated; its size after replicating 100k changes and again after 1M in total.
 ``--latency``: after a warm-up, one INSERT committed every second for ``--latency-seconds`` (60); latency =
   Kinesis's ``ApproximateArrivalTimestamp`` of the change's record (GetRecords over every shard) - the
   transaction's commit time (the JSON ``commit_ts``, PostgreSQL's commit timestamp; same host clock);
@@ -565,7 +569,8 @@ class DrainResult:
         return self.dagster_drained - self.daemon_started
 
 
-def drain(stack: Stack, label: str, changes: int, aggregate: bool, home: Path, timeout: float) -> DrainResult:
+def drain(stack: Stack, label: str, changes: int, aggregate: bool, home: Path, timeout: float,
+          window: int | None = None) -> DrainResult:
     tag = "agg" if aggregate else "plain"
     db, conn = stack.database(f"drain_{tag}")
     slots = (f"d_{tag}", f"p_{tag}", f"probe_{tag}")
@@ -578,13 +583,15 @@ def drain(stack: Stack, label: str, changes: int, aggregate: bool, home: Path, t
             f"({time.perf_counter() - t0:.1f}s to write), last commit at {backlog.end_lsn}")
 
         pg2k = run_pg2k(stack, stack.pg2k_args(db, slots[1], streams[1], "--once",
-                                               *(["--aggregate"] if aggregate else [])),
+                                               *(["--aggregate"] if aggregate else []),
+                                               *(["--max-changes", str(window)] if window else [])),
                         f"drain-{tag}", timeout, conn=conn, slot=slots[1], end_lsn=backlog.end_lsn)
         say(f"[{label}] pg2k --once: slot at the end after {pg2k.drained_at - pg2k.spawned_at:.2f}s "
             f"(process exited after {pg2k.wall:.2f}s)")
         pg2k_delivery = check_delivery(read_changes(stack.moto, streams[1]), backlog)
 
-        env = stack.env(db, slots[0], streams[0], **({"PG2K_AGGREGATE": "1"} if aggregate else {}))
+        env = stack.env(db, slots[0], streams[0], **({"PG2K_AGGREGATE": "1"} if aggregate else {}),
+                    **({"PG2K_MAX_CHANGES": str(window)} if window else {}))
         with DagsterDaemon(env, dagster_home=home, log_path=stack.workdir / f"daemon-drain-{tag}.log") as daemon:
             started = daemon.started_at or time.time()
             drained = wait_slot(conn, slots[0], backlog.end_lsn, timeout, "sensor-launched runs to drain the backlog",
@@ -639,7 +646,8 @@ def report_storage(home: Path, spool: Path, runs: int, changes: int, interval: i
     per = list(usage.per_run.values())
     rows = []
     for name, get in (
-        ("event log file history/runs/<run_id>.db", lambda r: r.event_log_bytes),
+        ("event log file history/runs/<run_id>.db (on disk)", lambda r: r.event_log_bytes),
+        ("  its events, serialized (without SQLite's pages)", lambda r: r.event_content_bytes),
         ("its events in history/runs/index.db", lambda r: r.index_event_bytes),
         ("storage/<run_id>/ IO manager pickles", lambda r: r.io_manager_bytes),
         ("storage/<run_id>/compute_logs/", lambda r: r.compute_log_bytes),
@@ -649,6 +657,8 @@ def report_storage(home: Path, spool: Path, runs: int, changes: int, interval: i
         rows.append((name, kib(mean(values)), kib(max(values) if values else None), mib(sum(values))))
     table(f"Dagster storage after {runs} runs ({changes:,} changes replicated), DAGSTER_HOME {home}",
           ("per run", "mean", "max", "sum"), rows)
+    events = [r.event_rows for r in per]
+    say(f"  events per run: mean {mean(events) or 0:,.0f}, max {max(events, default=0):,}")
     table("DAGSTER_HOME", ("part", "bytes"), [
         ("total", mib(usage.total_bytes)),
         ("storage/ (IO manager pickles + compute logs)", mib(usage.storage_bytes)),
@@ -998,6 +1008,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{name}", action="store_true", help=f"run the {name} scenario")
     parser.add_argument("--changes", type=int, default=100_000, help="aggregated drain backlog")
     parser.add_argument("--plain-changes", type=int, default=50_000, help="plain drain backlog")
+    parser.add_argument("--max-changes", type=int, default=None,
+                        help="drains: PG2K_MAX_CHANGES and pg2k --max-changes (default: the code's own), e.g. to "
+                        "make a backlog take several runs and see whether the next one follows at once")
     parser.add_argument("--scale-first", type=int, default=100_000, help="storage-scale: first measurement")
     parser.add_argument("--scale-total", type=int, default=1_000_000, help="storage-scale: second measurement")
     parser.add_argument("--job", choices=("sensor", "continuous", "both"), default="both", help="latency modes")
@@ -1028,12 +1041,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack = Stack(pg, moto, Path(tmp), args.sensor_interval)
         drains: list[DrainResult] = []
         drain_home = stack.workdir / "home-drain"
+        budget = f", PG2K_MAX_CHANGES / --max-changes {args.max_changes:,}" if args.max_changes else ""
         if "drain" in chosen:
-            drains.append(drain(stack, "drain, aggregated (PG2K_AGGREGATE=1 / --aggregate)", args.changes, True,
-                                drain_home, args.timeout))
+            drains.append(drain(stack, f"drain, aggregated (PG2K_AGGREGATE=1 / --aggregate){budget}", args.changes,
+                                True, drain_home, args.timeout, args.max_changes))
             report_drain(drains[-1])
         if "drain-plain" in chosen:
-            drains.append(drain(stack, "drain, plain records", args.plain_changes, False, drain_home, args.timeout))
+            drains.append(drain(stack, f"drain, plain records{budget}", args.plain_changes, False, drain_home,
+                                args.timeout, args.max_changes))
             report_drain(drains[-1])
         for d in drains:
             figures[d.label] = {"changes": d.changes, "dagster_seconds": d.dagster_seconds,

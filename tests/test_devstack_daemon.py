@@ -39,18 +39,23 @@ def test_wait_for_returns_the_value_or_times_out() -> None:
     assert time.monotonic() - started < 5
 
 
+def _event_log(path: Path, rows: list[tuple[str, str]]) -> int:
+    """A SQLite file with an event_logs table like Dagster's; returns its size."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE event_logs (id INTEGER PRIMARY KEY, run_id TEXT, event TEXT)")
+    conn.executemany("INSERT INTO event_logs (run_id, event) VALUES (?, ?)", rows)
+    conn.commit()
+    conn.close()
+    return path.stat().st_size
+
+
 def test_measure_home_splits_a_dagster_home_by_part_and_run(tmp_path: Path) -> None:
     runs = tmp_path / "history" / "runs"
     runs.mkdir(parents=True)
     (tmp_path / "history" / "runs.db").write_bytes(b"r" * 1000)
-    (runs / f"{RUN_ID}.db").write_bytes(b"e" * 3000)
+    shard_size = _event_log(runs / f"{RUN_ID}.db", [(RUN_ID, "a" * 1000), (RUN_ID, "b" * 500), (RUN_ID, "c")])
     (runs / ".db").write_bytes(b"n" * 50)
-    index = sqlite3.connect(runs / "index.db")
-    index.execute("CREATE TABLE event_logs (id INTEGER PRIMARY KEY, run_id TEXT, event TEXT)")
-    index.executemany("INSERT INTO event_logs (run_id, event) VALUES (?, ?)",
-                      [(RUN_ID, "x" * 100), (RUN_ID, "y" * 23), ("", "z" * 7)])
-    index.commit()
-    index.close()
+    index_size = _event_log(runs / "index.db", [(RUN_ID, "x" * 100), (RUN_ID, "y" * 23), ("", "z" * 7)])
     (tmp_path / "storage" / RUN_ID / "publish").mkdir(parents=True)
     (tmp_path / "storage" / RUN_ID / "publish" / "result").write_bytes(b"p" * 700)
     (tmp_path / "storage" / RUN_ID / "compute_logs").mkdir()
@@ -62,16 +67,16 @@ def test_measure_home_splits_a_dagster_home_by_part_and_run(tmp_path: Path) -> N
 
     assert set(usage.per_run) == {RUN_ID}
     run = usage.per_run[RUN_ID]
-    assert (run.event_log_bytes, run.index_events, run.index_event_bytes) == (3000, 2, 123)
+    assert (run.event_log_bytes, run.event_rows, run.event_content_bytes) == (shard_size, 3, 1501)
+    assert (run.index_events, run.index_event_bytes) == (2, 123)
     assert (run.storage_bytes, run.compute_log_bytes, run.io_manager_bytes) == (740, 40, 700)
-    assert run.event_bytes == 3123
+    assert run.event_bytes == shard_size + 123
     assert usage.runs_db_bytes == 1000
     assert usage.runless_event_log_bytes == 50
     assert usage.schedules_bytes == 300
     assert usage.storage_bytes == 740
-    index_size = (runs / "index.db").stat().st_size
     assert usage.index_db_bytes == index_size
-    assert usage.history_bytes == 1000 + 3000 + 50 + index_size
+    assert usage.history_bytes == 1000 + shard_size + 50 + index_size
     assert usage.total_bytes == usage.history_bytes + usage.storage_bytes + usage.schedules_bytes
 
 
@@ -121,7 +126,8 @@ def test_a_sensor_launched_run_under_a_real_daemon_delivers_everything(
             assert {r.dagster_run.status.value for r in daemon.runs()} == {"SUCCESS"}
             assert any(run_id in (t.run_ids or []) for t in daemon.sensor_ticks("replication_sensor"))
             usage = measure_home(home)
-            assert usage.per_run[run_id].event_log_bytes > 0
+            assert usage.per_run[run_id].event_log_bytes > usage.per_run[run_id].event_content_bytes > 0
+            assert usage.per_run[run_id].event_rows > 5  # at least the run's start, steps and end
             assert usage.total_bytes >= usage.storage_bytes + usage.history_bytes
             pgid = daemon.pid
         except (AssertionError, TimeoutError) as exc:

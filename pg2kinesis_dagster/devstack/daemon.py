@@ -245,7 +245,9 @@ class RunUsage:
     """What one run left in the DAGSTER_HOME."""
 
     run_id: str
-    event_log_bytes: int  # history/runs/<run_id>.db (+ -wal/-shm)
+    event_log_bytes: int  # history/runs/<run_id>.db (+ -wal/-shm): what the disk holds
+    event_rows: int  # events in that file
+    event_content_bytes: int  # their serialized size: what the run wrote, without SQLite's page overhead
     index_event_bytes: int  # bytes of this run's serialized events copied into history/runs/index.db
     index_events: int  # how many of its events the index shard holds
     storage_bytes: int  # storage/<run_id>/ in all
@@ -282,8 +284,14 @@ class HomeUsage:
         return sum(r.event_log_bytes for r in self.per_run.values())
 
 
+def _shard_rows(shard: Path) -> tuple[int, int]:
+    """(events, bytes of serialized events) in a run's own event-log file."""
+    rows = _index_rows(shard)
+    return (sum(n for n, _ in rows.values()), sum(size for _, size in rows.values()))
+
+
 def _index_rows(index_db: Path) -> dict[str, tuple[int, int]]:
-    """run_id -> (events, bytes of serialized events) in the event-log index shard."""
+    """run_id -> (events, bytes of serialized events) in an event-log SQLite file (the index shard, or a run's)."""
     if not index_db.exists():
         return {}
     # Read-only and immutable=0: the daemon may still write; we only read committed pages.
@@ -317,9 +325,12 @@ def measure_home(home: Path | str) -> HomeUsage:
     for run_id in sorted(run_ids):
         shard = shards / f"{run_id}.db"
         n, size = indexed.get(run_id, (0, 0))
+        rows, content = _shard_rows(shard)
         per_run[run_id] = RunUsage(
             run_id=run_id,
             event_log_bytes=_sqlite_bytes(shard) if shard.exists() else 0,
+            event_rows=rows,
+            event_content_bytes=content,
             index_event_bytes=size,
             index_events=n,
             storage_bytes=dir_bytes(storage / run_id),
