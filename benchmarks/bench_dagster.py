@@ -23,9 +23,10 @@ Scenarios (flags; none given = the default set: drain, drain-plain, storage, lat
   creation time (its run record); also given from the daemon process's start (which includes loading the
   code location and the first sensor tick). *pg2k drain time* = drained at - the moment ``pg2k`` was
   spawned (includes its interpreter start). changes/s = backlog changes / drain time; the ratio is Dagster's
-  changes/s over pg2k's. Per run: queued (creation -> start), in run (start -> end), waiting (end -> the
-  next run's creation); "prompt" = the next run was requested by the sensor's first tick that started after
-  the previous run ended. Delivery is checked: unique ids read back from the stream = backlog changes.
+  changes/s over pg2k's. Per run: queued (creation -> start), in run (start -> end), end -> the next run's
+  creation (negative when it was queued ahead), idle slot (end -> the next run's start); "prompt" = the next
+  run was already queued when the previous ended, or was requested by the sensor's first tick after it.
+  Delivery is checked: unique ids read back from the stream = backlog changes.
   ``--max-changes N`` sets both contenders' per-run (per-batch) budget, e.g. to make the backlog take several
   runs; by default each uses the code's own default.
 ``--storage``: what those drain runs left in their (shared) DAGSTER_HOME (see
@@ -490,10 +491,14 @@ class Cadence:
     """How the runs followed each other."""
 
     runs: list[RunInfo]
-    prompt: list[bool]  # per run after the first: requested by the first sensor tick after the previous ended
+    # Per run after the first: it was already queued when the previous one ended, or the sensor's first tick
+    # after that end requested it.
+    prompt: list[bool]
+    queued_ahead: int = 0  # of which: created before the previous run ended
     queued: list[float] = field(default_factory=list)  # created -> started
     in_run: list[float] = field(default_factory=list)  # started -> ended
-    waiting: list[float] = field(default_factory=list)  # previous ended -> created
+    waiting: list[float] = field(default_factory=list)  # previous ended -> created (negative: queued ahead)
+    idle: list[float] = field(default_factory=list)  # previous ended -> started: the slot without a run
 
     @property
     def all_prompt(self) -> bool | None:
@@ -516,10 +521,15 @@ def cadence(daemon: DagsterDaemon, runs: list[RunInfo]) -> Cadence:
     ticks = sorted(daemon.sensor_ticks(SENSOR), key=lambda t: t.timestamp)
     result = Cadence(runs=runs, prompt=[])
     for prev, run in itertools.pairwise(runs):
-        if prev.ended is not None:
-            result.waiting.append(run.created - prev.ended)
-            first = next((t for t in ticks if t.timestamp >= prev.ended), None)
-            result.prompt.append(first is not None and run.run_id in (first.run_ids or []))
+        if prev.ended is None:
+            continue
+        result.waiting.append(run.created - prev.ended)
+        if run.started is not None:
+            result.idle.append(run.started - prev.ended)
+        ahead = run.created <= prev.ended
+        result.queued_ahead += ahead
+        first = next((t for t in ticks if t.timestamp >= prev.ended), None)
+        result.prompt.append(ahead or (first is not None and run.run_id in (first.run_ids or [])))
     for run in runs:
         if run.started is not None:
             result.queued.append(run.started - run.created)
@@ -626,10 +636,11 @@ def report_drain(result: DrainResult) -> None:
         ("run statuses", ",".join(sorted({r.status for r in c.runs})), "", ""),
         ("mean queued (created -> started)", secs(mean(c.queued)), "", ""),
         ("mean in run (started -> ended)", secs(mean(c.in_run)), "", ""),
-        ("mean wait for next run (ended -> next created)", secs(mean(c.waiting)), "", ""),
-        ("max wait for next run", secs(max(c.waiting) if c.waiting else None), "", ""),
-        ("next run requested at the first tick after a run ended",
-         "n/a" if c.all_prompt is None else f"{sum(c.prompt)}/{len(c.prompt)}", "", ""),
+        ("mean ended -> next created (negative: queued ahead)", secs(mean(c.waiting)), "", ""),
+        ("mean idle slot (ended -> next started)", secs(mean(c.idle)), "", ""),
+        ("max idle slot (ended -> next started)", secs(max(c.idle) if c.idle else None), "", ""),
+        ("next run queued ahead, or requested at the first tick after",
+         "n/a" if c.all_prompt is None else f"{sum(c.prompt)}/{len(c.prompt)} ({c.queued_ahead} ahead)", "", ""),
         ("delivered unique ids / duplicates / lost",
          f"{result.dagster_delivery.unique:,} / {result.dagster_delivery.duplicates} / {result.dagster_delivery.lost}",
          f"{result.pg2k_delivery.unique:,} / {result.pg2k_delivery.duplicates} / {result.pg2k_delivery.lost}", ""),
@@ -1055,7 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "dagster_seconds_from_daemon_start": d.dagster_seconds_from_start,
                                 "pg2k_seconds": d.pg2k_seconds, "runs": len(d.runs.runs),
                                 "ratio": d.pg2k_seconds / d.dagster_seconds,
-                                "prompt": d.runs.prompt, "waiting": d.runs.waiting}
+                                "prompt": d.runs.prompt, "waiting": d.runs.waiting, "idle": d.runs.idle}
         if "storage" in chosen and drains:
             usage = report_storage(drain_home, stack.spool_dir, sum(len(d.runs.runs) for d in drains),
                                    sum(d.changes for d in drains), args.sensor_interval, args.extrapolate_rate)
