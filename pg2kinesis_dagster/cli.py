@@ -23,7 +23,7 @@ from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableErr
 from pg2kinesis_dagster.core.window import DEFAULT_CHUNK_CHANGES
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator, WindowResult
-from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.postgres.connection import PostgresSettings, mask_passwords
 from pg2kinesis_dagster.spool import default_spool_root
 
 log = logging.getLogger("pg2kinesis")
@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
-    pg.add_argument("--pg-dbname", default=None, help="database (default: PGDATABASE)")
+    pg.add_argument(
+        "--pg-dbname", default=None,
+        help="database (default: PGDATABASE); as in libpq, a URI or key=value string here is a connection string "
+        "(the flags below override it)",
+    )
     pg.add_argument("--pg-host", default=None, help="host (default: PGHOST or the local socket)")
     pg.add_argument("--pg-port", type=int, default=None, help="port (default: PGPORT or 5432)")
     pg.add_argument("--pg-user", default=None, help="role (default: PGUSER)")
@@ -118,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--table-pat", default=None, help="only tables whose schema.table matches this regex")
     fmt.add_argument("--exclude-table-pat", default=None, help="skip tables whose schema.table matches")
     fmt.add_argument(
+        "--exclude-columns",
+        action="append",
+        default=None,
+        help="columns never published, from every format: schema.table:col,col, entries separated by ';' or "
+        "repeated, e.g. public.users:ssn,password_hash (default: PG2K_EXCLUDE_COLUMNS); key columns cannot be",
+    )
+    fmt.add_argument(
         "--operations",
         action="append",
         default=None,
@@ -179,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"{default_spool_root()})",
     )
     run.add_argument("--poll-interval", type=float, default=1.0, help="seconds to wait when nothing is pending")
+    run.add_argument(
+        "--key-refresh-seconds", type=float, default=3600.0,
+        help="re-read primary keys from the catalog at least this often (schema changes seen in the stream "
+        "re-read them at once)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log every window")
     return parser
 
@@ -214,6 +230,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
         recreate_slot=args.recreate_slot,
         oversized=args.oversized,
         typed_json=args.typed_json,
+        key_refresh_seconds=args.key_refresh_seconds,
+        exclude_columns=";".join(args.exclude_columns) if args.exclude_columns
+        else os.environ.get("PG2K_EXCLUDE_COLUMNS") or None,
     )
     return pg, replication
 
@@ -249,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    pg: PostgresSettings | None = None
     try:
         pg, replication = settings_from_args(args)
         client = make_kinesis_client(
@@ -260,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Replicator(pg, sink, replication) as replicator:
             return _run(replicator, args)
     except Pg2KinesisError as exc:
-        print(f"pg2k: error: {exc}", file=sys.stderr)
+        # Messages never carry a password; masking here covers one given in any connection setting anyway.
+        text = pg.mask(str(exc)) if pg is not None else mask_passwords(str(exc))
+        print(f"pg2k: error: {text}", file=sys.stderr)
         return 1
 
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
+from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
@@ -38,6 +39,7 @@ from pg2kinesis_dagster.core.formats import make_formatter
 from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
+from pg2kinesis_dagster.core.schema_keys import SchemaFollowingKeys
 from pg2kinesis_dagster.core.window import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_CHANGES,
@@ -56,6 +58,7 @@ from pg2kinesis_dagster.core.window import (
 from pg2kinesis_dagster.kinesis.sink import KinesisSink
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
+from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 from pg2kinesis_dagster.spool import Spool, WindowSpool, slot_key
@@ -102,6 +105,10 @@ class ReplicationSettings:
     oversized: str = "fail"
     # JSON format only: typed values (numbers, booleans, nested JSON, arrays) instead of PostgreSQL's text.
     typed_json: bool = False
+    # Read the catalog's primary keys again at least this often (schema changes in the stream do it at once).
+    key_refresh_seconds: float = 3600.0
+    # Columns that never leave the database: "schema.table:col,col;..." (core.columns).
+    exclude_columns: str | None = None
 
     def budget(self) -> WindowBudget:
         return WindowBudget(
@@ -233,13 +240,15 @@ class Replicator:
             publication=settings.publication if settings.output_plugin == "pgoutput" else None,
         )
         self.keys = TableKeyCache(lambda: load_table_keys(pg))
+        # Keys as the stream goes: the plugin's own word, or the catalog re-read at each schema change.
+        self.schema_keys = SchemaFollowingKeys(self.keys, max_age_seconds=settings.key_refresh_seconds)
         # The slot's spool folder: its name is only unique within one PostgreSQL server.
         self.spool_key = slot_key(settings.slot_name, pg.describe(with_user=False))
         self.builder = RecordBuilder(
             formatter=make_formatter(
                 settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
             ),
-            key_lookup=self.keys.key_columns,
+            key_lookup=self.schema_keys.key_columns,
             change_filter=ChangeFilter(
                 table_pat=settings.table_pat,
                 exclude_table_pat=settings.exclude_table_pat,
@@ -249,6 +258,7 @@ class Replicator:
             partition_constant=settings.partition_key_constant,
             no_key_policy=NoKeyPolicy.parse(settings.no_primary_key),
             oversized=OversizedPolicy.parse(settings.oversized),
+            exclude_columns=ColumnExclusion.parse(settings.exclude_columns),
         )
         self._prepared = False
 
@@ -266,7 +276,17 @@ class Replicator:
         """Check (or create) the slot and the stream before reading anything."""
         if not self._prepared:
             self.slot.ensure(create=self.settings.create_slot, recreate=self.settings.recreate_slot)
+            if self.settings.output_plugin == "wal2json" and plugin_accepts_option(
+                    self.slot, self.decoder.slot_options, WAL2JSON_NUMBERS_AS_STRINGS):
+                # wal2json >= 2.6: numbers as strings keep NaN/Infinity apart from NULL.
+                self.decoder = decoder_for("wal2json", numbers_as_strings=True,
+                                           **decoder_options("wal2json", self.pg))
             self.sink.check_stream()
+            if self.builder.exclude_columns:  # a key column named there is refused before anything is read
+                self.builder.exclude_columns.check_catalog(
+                    {name: key.key_columns for name, key in self.keys.tables().items()})
+            # Oversized records are judged (and truncated) against the stream's own limit: 1 MiB unless raised.
+            self.builder = replace(self.builder, max_record_bytes=self.sink.max_record_bytes)
             self._prepared = True
 
     def peek(self, upto_lsn: int | None = None) -> PeekedWindow:
@@ -377,7 +397,8 @@ class Replicator:
         spool.drop_records()
         with _gc_paused():
             try:
-                for txn in self.decoder.decode(reader, part_size=chunk_changes):
+                # Keys follow the schema as the stream goes (core.schema_keys): it sees each part before it is keyed.
+                for txn in self.schema_keys.follow(self.decoder.decode(reader, part_size=chunk_changes), self.decoder):
                     if txn.partial:
                         stamp(txn)
                     first = len(chunk.records)

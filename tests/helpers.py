@@ -28,6 +28,23 @@ def pg_settings(server: PostgresServer, dbname: str, user: str = "postgres", pas
     return PostgresSettings(host=server.host, port=server.port, dbname=dbname, user=user, password=password)
 
 
+def code_location_env(server: PostgresServer, dbname: str, moto: MotoServer, stream: str, slot: str,
+                      **extra: str) -> dict[str, str]:
+    """The PG2K_* variables that point the code location at the throwaway stack (JSON records)."""
+    return {
+        "PG2K_PG_HOST": server.host,
+        "PG2K_PG_PORT": str(server.port),
+        "PG2K_PG_DBNAME": dbname,
+        "PG2K_PG_USER": "postgres",
+        "PG2K_SLOT_NAME": slot,
+        "PG2K_STREAM_NAME": stream,
+        "PG2K_KINESIS_ENDPOINT_URL": moto.endpoint_url,
+        "PG2K_MESSAGE_FORMATTER": "JSON",
+        "PG2K_CREATE_SLOT": "true",
+        **extra,
+    }
+
+
 def make_sink(moto: MotoServer, stream: str, **kwargs: Any) -> KinesisSink:
     client = make_kinesis_client(region_name=moto.region, endpoint_url=moto.endpoint_url)
     kwargs.setdefault("max_retry_seconds", 20.0)

@@ -34,7 +34,14 @@ from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
 from tests.dagster_jobs import FAIL_PUT_NUMBER, reconstructable_replicate_job
-from tests.helpers import assert_matches_ledger, check_against_ledger, confirmed_flush, merged, read_json
+from tests.helpers import (
+    assert_matches_ledger,
+    check_against_ledger,
+    code_location_env,
+    confirmed_flush,
+    merged,
+    read_json,
+)
 
 SLOT = "dagster_windows"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -48,19 +55,8 @@ def stack_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> dict[str, str]:
     create_sample_schema(pg_conn)
-    env = {
-        "PG2K_PG_HOST": pg_server.host,
-        "PG2K_PG_PORT": str(pg_server.port),
-        "PG2K_PG_DBNAME": pg_database,
-        "PG2K_PG_USER": "postgres",
-        "PG2K_SLOT_NAME": SLOT,
-        "PG2K_STREAM_NAME": kinesis_stream,
-        "PG2K_KINESIS_ENDPOINT_URL": moto_server.endpoint_url,
-        "PG2K_MESSAGE_FORMATTER": "JSON",
-        "PG2K_CREATE_SLOT": "true",
-        "PG2K_CHUNK_CHANGES": "100",
-        "PG2K_SPOOL_DIR": str(tmp_path / "spool"),
-    }
+    env = code_location_env(pg_server, pg_database, moto_server, kinesis_stream, SLOT,
+                            PG2K_CHUNK_CHANGES="100", PG2K_SPOOL_DIR=str(tmp_path / "spool"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env

@@ -19,7 +19,10 @@ from pg2kinesis_dagster.core.errors import RecordTooLargeError, SinkError
 # Kinesis Data Streams service limits (PutRecords / PutRecord).
 MAX_RECORDS_PER_REQUEST = 500
 MAX_REQUEST_BYTES = 5 * 1024 * 1024  # data + UTF-8 partition keys of every entry
-MAX_RECORD_BYTES = 1024 * 1024  # data + UTF-8 partition key of one entry
+MAX_RECORD_BYTES = 1024 * 1024  # data + UTF-8 partition key of one entry (a stream's default)
+# A stream may accept records up to 10 MiB (UpdateMaxRecordSize; DescribeStreamSummary's MaxRecordSizeInKiB);
+# PutRecords then takes up to 10 MiB a request.
+LARGEST_RECORD_BYTES = 10 * 1024 * 1024
 MIN_PARTITION_KEY_CHARS = 1
 MAX_PARTITION_KEY_CHARS = 256  # Unicode characters, not bytes
 MAX_HASH_KEY_EXCLUSIVE = 2**128  # partition key hashes (MD5) and explicit hash keys are 128-bit
@@ -88,8 +91,17 @@ def _valid_hash_key(text: str) -> bool:
     return int(text) < MAX_HASH_KEY_EXCLUSIVE
 
 
-def check_record(record: Record) -> None:
-    """Raise if Kinesis would reject ``record`` whatever the batching."""
+def request_bytes_limit(max_record_bytes: int = MAX_RECORD_BYTES) -> int:
+    """PutRecords' limit on a whole request for a stream whose records may have ``max_record_bytes``."""
+    return max(MAX_REQUEST_BYTES, min(max_record_bytes, LARGEST_RECORD_BYTES))
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MiB" if n % (1024 * 1024) == 0 else f"{n / 1024:g} KiB"
+
+
+def check_record(record: Record, max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+    """Raise if Kinesis would reject ``record`` whatever the batching (``max_record_bytes``: the stream's limit)."""
     key_chars = len(record.partition_key)
     if not MIN_PARTITION_KEY_CHARS <= key_chars <= MAX_PARTITION_KEY_CHARS:
         shown = record.partition_key[:40] + ("..." if key_chars > 40 else "")
@@ -104,16 +116,20 @@ def check_record(record: Record) -> None:
             f"record {record.record_id}: explicit hash key {hash_key[:50]!r} is not a decimal integer "
             f"from 0 to 2**128 - 1, which Kinesis requires."
         )
-    if record.size > MAX_RECORD_BYTES:
+    if record.size > max_record_bytes:
+        larger = (
+            "raise the stream's maximum record size (aws kinesis update-max-record-size, up to 10 MiB), "
+            if max_record_bytes < LARGEST_RECORD_BYTES else ""
+        )
         raise RecordTooLargeError(
-            f"record {record.record_id} is {record.size} bytes (data plus partition key); Kinesis "
-            f"accepts at most {MAX_RECORD_BYTES} bytes (1 MiB) per record. Nothing was sent and the "
-            "slot was not advanced. Exclude or trim the large column(s) for this table, or choose a "
-            "more compact output format."
+            f"record {record.record_id} is {record.size} bytes (data plus partition key); the stream "
+            f"accepts at most {max_record_bytes} bytes ({_size_text(max_record_bytes)}) per record. Nothing was "
+            f"sent and the slot was not advanced. Exclude the large column(s) (--exclude-columns), {larger}"
+            "use --oversized truncate, or choose a more compact output format."
         )
 
 
-def next_request(pending: Sequence[Record]) -> list[int]:
+def next_request(pending: Sequence[Record], max_request_bytes: int = MAX_REQUEST_BYTES) -> list[int]:
     """Indexes (ascending) of the ``pending`` records to send in the next PutRecords call.
 
     ``pending`` holds the unacknowledged records in input order. A record is
@@ -142,7 +158,7 @@ def next_request(pending: Sequence[Record]) -> list[int]:
             # Whether or not it fits, later records of this key must wait for it.
             blocked.add(key)
         size = record.size
-        if total + size > MAX_REQUEST_BYTES:
+        if total + size > max_request_bytes:
             # Request full by bytes: stop instead of hunting for smaller records
             # further on, which keeps requests close to input order.
             break

@@ -12,6 +12,7 @@ from enum import Enum
 
 from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import Operation, Transaction
+from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.filters import ChangeFilter
 from pg2kinesis_dagster.core.formats import Formatter
@@ -76,6 +77,8 @@ class RecordBuilder:
     # Records over Kinesis's 1 MiB limit: "fail" (the sink rejects the batch) or "truncate" (see core.oversize).
     oversized: OversizedPolicy = OversizedPolicy.FAIL
     max_record_bytes: int = DEFAULT_LIMIT
+    # Columns removed from every image before formatting (--exclude-columns); key columns cannot be.
+    exclude_columns: ColumnExclusion = field(default_factory=ColumnExclusion)
 
     def build(self, transactions: Iterable[Transaction]) -> tuple[list[Record], BatchStats]:
         records: list[Record] = []
@@ -90,6 +93,7 @@ class RecordBuilder:
         A transaction decoded in parts is counted once, with its last part.
         """
         fmt = self.formatter.format
+        exclude = self.exclude_columns.apply if self.exclude_columns else None
         if not txn.partial:
             stats.transactions += 1
         for change in txn.changes:
@@ -98,6 +102,8 @@ class RecordBuilder:
                 stats.filtered += 1
                 continue
             key_columns = self.key_lookup(change.schema, change.table)
+            if exclude is not None:
+                exclude(change, key_columns)
             if key_columns:
                 change.pk = extract_pk(change, key_columns)
             else:

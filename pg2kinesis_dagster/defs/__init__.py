@@ -12,11 +12,12 @@ from dagster import Definitions, EnvVar
 
 from pg2kinesis_dagster.core import window
 from pg2kinesis_dagster.core.errors import ConfigError
-from pg2kinesis_dagster.defs.assets import build_lag_check, primary_key_metadata, replication_checkpoint
+from pg2kinesis_dagster.defs.assets import primary_key_metadata, replication_checkpoint
 from pg2kinesis_dagster.defs.automation import MODES, SensorSettings, build_schedule, build_sensor
 from pg2kinesis_dagster.defs.handles import window_handle_io_manager
 from pg2kinesis_dagster.defs.history import DEFAULT_RETENTION_DAYS, build_history
 from pg2kinesis_dagster.defs.jobs import HANDLES, build_continuous_job, build_replicate_job
+from pg2kinesis_dagster.defs.operating import build_operating_definitions
 from pg2kinesis_dagster.defs.resources import (
     KinesisResource,
     PostgresResource,
@@ -78,6 +79,8 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
         chunk_changes=int(env.get("PG2K_CHUNK_CHANGES", window.DEFAULT_CHUNK_CHANGES)),
         spool_dir=_opt(env, "PG2K_SPOOL_DIR"),
         create_slot=_flag(env, "PG2K_CREATE_SLOT"),
+        key_refresh_seconds=float(env.get("PG2K_KEY_REFRESH_SECONDS") or 3600),
+        exclude_columns=_opt(env, "PG2K_EXCLUDE_COLUMNS"),
     )
     return {"postgres": postgres, "kinesis": kinesis, "replication": replication, HANDLES: window_handle_io_manager}
 
@@ -96,20 +99,23 @@ def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
         retention_days=float(env.get("PG2K_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))),
         spool_dir=_opt(env, "PG2K_SPOOL_DIR"),
     )
+    # Health checks and their schedule, alerts, key refresh, heartbeat (README: "Operating it").
+    operating = build_operating_definitions(env, slot_name, [job.name, continuous.name])
     return Definitions(
         assets=[replication_checkpoint, primary_key_metadata, *history_assets],
-        asset_checks=[build_lag_check(int(env.get("PG2K_MAX_LAG_BYTES", str(1024**3))))],
-        jobs=[job, continuous, *history_jobs],
+        asset_checks=operating.asset_checks,
+        jobs=[job, continuous, *history_jobs, *operating.jobs],
         sensors=[
             build_sensor(
                 [job, continuous],
                 default_running=_flag(env, "PG2K_SENSOR_RUNNING"),
                 interval_seconds=int(env.get("PG2K_SENSOR_INTERVAL_SECONDS", "5")),
                 settings=SensorSettings(mode=mode, continuous_max_runtime_seconds=continuous_runtime),
-            )
+            ),
+            *operating.sensors,
         ],
         schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name),
-                   *history_schedules],
+                   *history_schedules, *operating.schedules],
         resources=build_resources(env),
     )
 

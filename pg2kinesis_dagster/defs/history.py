@@ -37,6 +37,7 @@ from dagster import (
 )
 
 from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET, REPLICATION_JOBS, top_tables
+from pg2kinesis_dagster.defs.operating import OPERATING_JOBS
 from pg2kinesis_dagster.spool import Spool
 
 SUMMARY_ASSET = "replication_daily_summary"
@@ -127,7 +128,8 @@ def prune_old_runs(context: OpExecutionContext, config: PruneConfig) -> None:
     cutoff = datetime.now(timezone.utc) - timedelta(days=config.retention_days)
     storage = Path(instance.storage_directory())
     deleted = 0
-    for job_name in (*REPLICATION_JOBS, PRUNE_JOB):
+    # The health checks, key refresh and heartbeat too: the health checks alone make a run a minute.
+    for job_name in (*REPLICATION_JOBS, *OPERATING_JOBS, PRUNE_JOB):
         records = instance.get_run_records(
             RunsFilter(job_name=job_name, statuses=_FINISHED, updated_before=cutoff),
             limit=MAX_RUNS_PER_PRUNE - deleted,

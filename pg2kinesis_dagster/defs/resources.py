@@ -117,6 +117,12 @@ class ReplicationResource(ConfigurableResource):
     chunk_bytes: int = window.DEFAULT_CHUNK_BYTES
     spool_dir: str | None = Field(default=None, description="local folder for the window (default: system temp)")
     create_slot: bool = False
+    exclude_columns: str | None = Field(
+        default=None, description="Columns never published: schema.table:col,col;... (key columns cannot be)"
+    )
+    key_refresh_seconds: float = Field(
+        default=3600.0, description="Re-read primary keys from the catalog at least this often (seconds)"
+    )
 
     _replicator: Replicator | None = PrivateAttr(default=None)
     _run_id: str | None = PrivateAttr(default=None)
@@ -143,6 +149,8 @@ class ReplicationResource(ConfigurableResource):
             chunk_bytes=self.chunk_bytes,
             spool_dir=self.spool_dir,
             create_slot=self.create_slot,
+            key_refresh_seconds=self.key_refresh_seconds,
+            exclude_columns=self.exclude_columns,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -245,15 +245,17 @@ class _Builder:
 
 
 def aggregate(
-    records: Sequence[Record], shard_map: ShardMap, max_bytes: int = MAX_RECORD_BYTES
+    records: Sequence[Record], shard_map: ShardMap, max_bytes: int = MAX_RECORD_BYTES,
+    max_record_bytes: int | None = None,
 ) -> list[AggregatedRecord]:
     """Pack ``records`` (in input order) into aggregated records, per shard of ``shard_map``.
 
     Each shard's changes are appended to its open aggregate until the next one
     would take the aggregated record (KPL bytes plus its partition key) over
     ``max_bytes``. The result is ordered so that :func:`~pg2kinesis_dagster.core.batching.next_request`
-    keeps every row's changes in input order. Raises :class:`RecordTooLargeError`
-    naming the change if one exceeds ``max_bytes`` even as a plain record.
+    keeps every row's changes in input order. A change too large for an aggregate goes as a plain record
+    if it fits ``max_record_bytes`` (the stream's limit, default ``max_bytes``); otherwise
+    :class:`RecordTooLargeError` names it.
     """
     out: list[_Builder] = []  # closed aggregates, in closing order
     open_by_shard: dict[str, _Builder] = {}
@@ -265,11 +267,13 @@ def aggregate(
         del open_by_shard[builder.shard.shard_id]
         out.append(builder)
 
+    # A change larger than an aggregate may still go as a plain record when the stream takes larger records.
+    record_limit = max_bytes if max_record_bytes is None else max(max_bytes, max_record_bytes)
     for record in records:
-        if record.size > max_bytes:
+        if record.size > record_limit:
             raise RecordTooLargeError(
                 f"record {record.record_id} is {record.size} bytes (data plus partition key); Kinesis "
-                f"accepts at most {max_bytes} bytes per record. Nothing was sent and the slot was not "
+                f"accepts at most {record_limit} bytes per record. Nothing was sent and the slot was not "
                 "advanced. Exclude or trim the large column(s) for this table, or choose a more compact "
                 "output format."
             )

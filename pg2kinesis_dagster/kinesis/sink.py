@@ -34,10 +34,12 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pg2kinesis_dagster.core.batching import (
+    MAX_RECORD_BYTES,
     Record,
     check_record,
     next_request,
     remove_acknowledged,
+    request_bytes_limit,
     split_at_barriers,
 )
 from pg2kinesis_dagster.core.errors import ConfigError, SinkError
@@ -223,6 +225,14 @@ class KinesisSink:
         self._rng = rng if rng is not None else random.Random()
         # KPL-aggregate records (many changes per Kinesis record); needs kinesis:ListShards.
         self.aggregate = aggregate
+        # The stream's record size limit (MaxRecordSizeInKiB), read by check_stream(); until then unknown.
+        self._max_record_bytes: int | None = None
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the stream accepts: 1 MiB unless raised for this stream (up to 10 MiB) and known
+        from :meth:`check_stream`."""
+        return MAX_RECORD_BYTES if self._max_record_bytes is None else self._max_record_bytes
 
     # -- where we talk to, for messages (never credentials) -----------------
 
@@ -277,6 +287,9 @@ class KinesisSink:
             raise SinkError(
                 f"Kinesis stream {name!r} in {self._where()} is {status}, not ACTIVE: {hint}."
             )
+        # Absent (older APIs, emulators): the default 1 MiB.
+        kib = summary.get("MaxRecordSizeInKiB")
+        self._max_record_bytes = int(kib) * 1024 if isinstance(kib, int) and kib > 0 else MAX_RECORD_BYTES
         return dict(summary)
 
     def _botocore_message(self, exc: BotoCoreError, action: str) -> str:
@@ -300,8 +313,12 @@ class KinesisSink:
         started = self._clock()
         # Validate everything before sending anything: a bad record found halfway
         # would leave a half-sent batch for the next run to resend.
+        limit = self.max_record_bytes
         for record in records:
-            check_record(record)
+            if record.size > limit and self._max_record_bytes is None:
+                self.check_stream()  # not checked yet (a re-executed publish step): learn the stream's limit
+                limit = self.max_record_bytes
+            check_record(record, limit)
         total = len(records)
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
@@ -331,7 +348,8 @@ class KinesisSink:
         written = 0
         remaps = 0
         while True:
-            pending: list[Record] = list(aggregate_records(to_send, shard_map))
+            pending: list[Record] = list(
+                aggregate_records(to_send, shard_map, max_record_bytes=self.max_record_bytes))
             count = len(pending)
             misrouted = self._send(pending, progress, aggregated=True)
             written += count - len(pending)
@@ -409,7 +427,7 @@ class KinesisSink:
         misrouted: list[tuple[AggregatedRecord, str]] = []
 
         while pending_records:
-            chosen = next_request(pending_records)
+            chosen = next_request(pending_records, request_bytes_limit(self.max_record_bytes))
             batch = [pending_entries[i] for i in chosen]
             progress.requests += 1
             acked: list[int]

@@ -16,7 +16,12 @@ SELECT n.nspname::text,
        c.relreplident::text,
        coalesce(array_agg(a.attname::text ORDER BY k.ord) FILTER (WHERE a.attname IS NOT NULL), '{}'),
        coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
-                FILTER (WHERE a.attname IS NOT NULL), '{}')
+                FILTER (WHERE a.attname IS NOT NULL), '{}'),
+       -- The youngest xmin of the table's catalog rows: the transaction that last created, keyed or altered it.
+       (SELECT x FROM (SELECT c.xmin AS x
+                       UNION ALL SELECT ix.xmin FROM pg_index ix WHERE ix.indrelid = c.oid
+                       UNION ALL SELECT at.xmin FROM pg_attribute at WHERE at.attrelid = c.oid AND at.attnum > 0
+                      ) AS rows ORDER BY age(x) LIMIT 1)::text::bigint
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
@@ -26,7 +31,7 @@ WHERE c.relkind IN ('r', 'p')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_toast%%'
   AND n.nspname NOT LIKE 'pg\\_temp%%'
-GROUP BY n.nspname, c.relname, c.relreplident
+GROUP BY n.nspname, c.relname, c.relreplident, c.oid, c.xmin
 ORDER BY 1, 2
 """
 
@@ -38,6 +43,9 @@ class TableKey:
     key_columns: tuple[str, ...]
     key_types: tuple[str, ...]
     replica_identity: str
+    # The transaction that last changed the table's catalog rows (created it, added or dropped its key or a
+    # column), when known: lets a reader of older WAL switch to this key at that transaction, not before.
+    changed_by_xid: int | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -64,6 +72,7 @@ def load_table_keys(settings: PostgresSettings) -> dict[tuple[str, str], TableKe
             key_columns=tuple(columns),
             key_types=tuple(types),
             replica_identity=REPLICA_IDENTITY.get(ident, ident),
+            changed_by_xid=changed_by,
         )
-        for schema, table, ident, columns, types in rows
+        for schema, table, ident, columns, types, changed_by in rows
     }

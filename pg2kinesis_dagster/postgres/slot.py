@@ -126,14 +126,16 @@ class ReplicationSlot:
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            if self._locked:
-                # Released before the session ends, so the next run (already waiting) gets it at once.
-                with contextlib.suppress(Exception):  # the session is going anyway; its end releases the lock
-                    self._query("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.name))
-            self._conn.close()
-        self._conn = None
-        self._locked = False
+        conn, self._conn = self._conn, None
+        locked, self._locked = self._locked, False
+        if conn is None or conn.closed:
+            return
+        if locked:
+            # Released before the session ends, so the next run (already waiting) gets it at once; a broken
+            # session releases it anyway when it ends.
+            with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self.name))
+        conn.close()
 
     def __enter__(self) -> ReplicationSlot:
         return self

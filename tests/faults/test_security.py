@@ -193,6 +193,55 @@ def test_sslmode_require_against_a_server_without_tls(
     assert password not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_connection_string_as_database_name_is_expanded_and_its_password_never_shown(
+    pg_server: PostgresServer, pg_database: str, pg_conn, minimal_role: tuple[str, str], moto_server: MotoServer,
+    kinesis_stream: str, tmp_path: Path,
+) -> None:
+    """libpq tools take a URI or key=value string as the database name: so does pg2k, and no message shows the
+    password it carries, whatever goes wrong."""
+    from urllib.parse import quote
+
+    role, password = minimal_role
+    wrong = _secret("wrong-")
+    create_sample_schema(pg_conn)
+    endpoint = moto_server.endpoint_url
+
+    def cli(dbname: str, name: str, *extra: str) -> Any:
+        args = ["--pg-dbname", dbname, "--stream-name", kinesis_stream, "--endpoint-url", endpoint,
+                "--aws-region", "us-east-1", "--message-formatter", "JSON", *extra]
+        # A PGPASSWORD that would work must not be what made it work: the URI's password is used.
+        return run_once(args, tmp_path, name, env={"PGPASSWORD": wrong, "PGHOST": "", "PGUSER": ""})
+
+    uri = f"postgresql://{role}:{quote(password)}@{pg_server.host}:{pg_server.port}/{pg_database}"
+    keyvalue = f"host={pg_server.host} port={pg_server.port} dbname={pg_database} user={role} password='{password}'"
+    ok = cli(uri, "uri", "--create-slot")
+    assert ok.poll() == 0, ok.stderr
+    ledger = run_sample_workload(pg_conn, transactions=10, seed=73)
+    drained = cli(keyvalue, "keyvalue")
+    assert drained.poll() == 0, drained.stderr
+    assert_no_loss_no_reordering(check_against_ledger(read_json(moto_server, kinesis_stream), ledger),
+                                 max_duplicates=0)
+    failures = {
+        "wrong password": cli(uri.replace(quote(password), quote(wrong)), "wrong"),
+        "missing database": cli(uri.replace(f"/{pg_database}", "/no_such_db"), "nodb"),
+        "malformed": cli(f"host={pg_server.host} password={password} dbname", "malformed"),
+        "bad URI parameter": cli(uri + "?bogus=1", "param"),
+    }
+    for what, proc in failures.items():
+        assert proc.poll() == 1, (what, proc.stderr)
+        assert proc.stderr.startswith("pg2k: error: ") and "Traceback" not in proc.stderr, (what, proc.stderr)
+        for secret in (password, quote(password), wrong, quote(wrong)):
+            assert secret not in proc.stdout + proc.stderr, f"{what}: a password leaked: {proc.stderr}"
+    assert "password authentication failed" in failures["wrong password"].stderr
+    assert 'database "no_such_db" does not exist' in failures["missing database"].stderr
+    assert "--pg-dsn" in failures["malformed"].stderr and "--pg-dsn" in failures["bad URI parameter"].stderr
+    # The same for every message that describes the connection, from any setting.
+    for settings in (PostgresSettings(dbname=uri), PostgresSettings(dsn=uri), PostgresSettings(dsn=keyvalue),
+                     PostgresSettings(host="h", dbname="db", password=password)):
+        assert password not in settings.describe() and quote(password) not in settings.describe()
+        assert password not in settings.mask(f"{uri} {keyvalue} password={password}")
+
+
 @pytest.mark.parametrize("slot", ["x'; DROP TABLE customers; --", "Upper", "a" * 64, "", "slot name"])
 def test_slot_names_are_validated_before_any_sql(
     slot: str, pg_server: PostgresServer, pg_database: str, pg_conn, moto_server: MotoServer, kinesis_stream: str,

@@ -149,6 +149,7 @@ _TRUNCATE_RESTART_SEQS = 2
 
 _T, _N, _U, _B = ord("t"), ord("n"), ord("u"), ord("b")
 _NEW, _KEY, _OLD = ord("N"), ord("K"), ord("O")
+_IDENTITY_DEFAULT = ord("d")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,6 +213,10 @@ class PgOutputDecoder:
         self._relations: dict[int, _Relation] = {}
         self._custom_types: dict[int, tuple[str, str]] = {}
         self._type_names: dict[tuple[int, int], str] = {}
+        # (schema, table) -> (relid, replica identity, column names, key columns) of its latest Relation message.
+        self._table_shapes: dict[tuple[str, str], tuple[int, int, tuple[str, ...], tuple[str, ...]]] = {}
+        # How many Relation messages changed a table's shape (a DDL): see relation_key().
+        self.schema_changes = 0
 
     # -- transactions --------------------------------------------------------------------
 
@@ -300,20 +305,26 @@ class PgOutputDecoder:
         relid = _U32.unpack_from(data, 1)[0]
         namespace, pos = _cstring(data, 5)
         table, pos = _cstring(data, pos)
-        pos += 1  # replica identity setting: the key flags below say what K tuples hold
+        replica_identity = data[pos]  # the key flags below say what K tuples hold
+        pos += 1
         ncols = _U16.unpack_from(data, pos)[0]
         pos += 2
         names: list[str] = []
         types: list[str] = []
+        keys: list[str] = []
         for _ in range(ncols):
-            pos += 1  # flags: 1 = part of the key
+            flags = data[pos]  # 1 = part of the key
+            pos += 1
             name, pos = _cstring(data, pos)
+            if flags & 1:
+                keys.append(name)
             oid, typmod = _ATTR.unpack_from(data, pos)
             pos += 8
             names.append(name)
             types.append(self._type(oid, typmod))
         if pos != len(data):
             raise ValueError(f"{len(data) - pos} bytes after the last column")
+        self._note_keys(relid, namespace or "pg_catalog", table, replica_identity, tuple(names), tuple(keys))
         self._relations[relid] = _Relation(
             # pgoutput sends "" for pg_catalog.
             namespace or "pg_catalog",
@@ -324,6 +335,30 @@ class PgOutputDecoder:
             # A TOASTed value the UPDATE did not touch: unknown here, never invent one.
             tuple(Column(n, t, None, True) for n, t in zip(names, types, strict=True)),
         )
+
+    def _note_keys(self, relid: int, schema: str, table: str, identity: int, names: tuple[str, ...],
+                   keys: tuple[str, ...]) -> None:
+        """Remember what a Relation message said about the table's key; count the changes of its shape."""
+        seen = (relid, identity, names, keys)
+        previous = self._table_shapes.get((schema, table))
+        if previous is not None and (previous != seen or identity != _IDENTITY_DEFAULT):
+            # A DDL since (or, for a table whose key the message cannot show, possibly one: pgoutput sends the
+            # message again after any change of the table, and at the start of each peek): the pipeline reads
+            # the catalog again.
+            self.schema_changes += 1
+        self._table_shapes[(schema, table)] = seen
+
+    def relation_key(self, schema: str, table: str) -> tuple[str, ...] | None:
+        """The table's primary key as of its latest Relation message, or None when that does not tell it.
+
+        With ``REPLICA IDENTITY DEFAULT`` the key flags are the primary key's columns (none without one),
+        taken from the catalog as it was at the change: exact across DDL. Other identities flag an index's or
+        every column, so the catalog is asked instead.
+        """
+        seen = self._table_shapes.get((schema, table))
+        if seen is None or seen[1] != _IDENTITY_DEFAULT:
+            return None
+        return seen[3]
 
     def _type(self, oid: int, typmod: int) -> str:
         key = (oid, typmod if self._typmods else -1)

@@ -12,6 +12,9 @@ a huge transaction is many small documents, never one giant one::
     {"action":"M", ..., "transactional":true,"prefix":"p","content":"..."}   (ignored)
     {"action":"C","xid":726,"timestamp":"2026-11-26 05:04:46.708167+00"}
 
+Each change carries its table's primary key (``include-pk``), as the catalog was when the change was
+written: :meth:`Wal2JsonDecoder.relation_key` hands it to the pipeline, so keys stay exact across DDL.
+
 Numbers are parsed as their exact text (``parse_int=str``/``parse_float=str``). Values
 are turned back into PostgreSQL's text form as the test_decoding decoder yields it:
 ``true``/``false`` -> ``t``/``f``; bytea, which wal2json prints without its ``\\x``,
@@ -121,7 +124,8 @@ class Wal2JsonDecoder:
             "include-type-oids", "1",
             # Positions reveal the columns wal2json leaves out (unchanged TOAST).
             "include-column-positions", "1",
-            "include-pk", "0",
+            # Each change's primary key, from the catalog as it was then: keys stay exact across DDL.
+            "include-pk", "1",
         ]
         if numbers_as_strings:
             options += ["numeric-data-types-as-string", "1"]
@@ -131,6 +135,9 @@ class Wal2JsonDecoder:
         # typeoid text -> type name; wal2json repeats both on every column.
         self._types: dict[str, str] = {}
         self._json = json.JSONDecoder(parse_float=str, parse_int=str)
+        # (schema, table) -> its primary key from the latest change (include-pk), and the raw list it came as.
+        self._pks: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._raw_pks: dict[tuple[str, str], Any] = {}
 
     # -- transactions --------------------------------------------------------------------
 
@@ -212,6 +219,9 @@ class Wal2JsonDecoder:
     def _change(self, doc: dict[str, Any], op: Operation, lsn: int, txn: Transaction) -> None:
         schema: str = doc["schema"]
         table: str = doc["table"]
+        pk = doc.get("pk")
+        if pk is not None:
+            self._note_pk(schema, table, pk)
         after: tuple[Column, ...] | None = None
         before: tuple[Column, ...] | None = None
         identity = doc.get("identity")
@@ -229,6 +239,17 @@ class Wal2JsonDecoder:
                 before = tuple(c for c in self._columns(identity) if c.value is not None or c.unchanged_toast)
         changes = txn.changes
         changes.append(Change(txn.xid, lsn, txn.first_index + len(changes), schema, table, op, after, before))
+
+    def _note_pk(self, schema: str, table: str, pk: Sequence[dict[str, Any]]) -> None:
+        # The same key over and over: compare the raw list before building a tuple.
+        name = (schema, table)
+        if self._raw_pks.get(name) != pk:
+            self._raw_pks[name] = pk
+            self._pks[name] = tuple(c["name"] for c in pk)
+
+    def relation_key(self, schema: str, table: str) -> tuple[str, ...] | None:
+        """The table's primary key as wal2json printed it with the change decoded last (None: none seen yet)."""
+        return self._pks.get((schema, table))
 
     def _columns(self, raw: Sequence[dict[str, Any]]) -> tuple[Column, ...]:
         types = self._types
