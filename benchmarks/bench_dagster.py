@@ -545,7 +545,7 @@ def mean(values: Sequence[float]) -> float | None:
 def wait_no_run_in_flight(daemon: DagsterDaemon, timeout: float = 180) -> None:
     def idle() -> bool:
         daemon.check_alive()
-        return not daemon.runs(statuses=IN_FLIGHT)
+        return not [r for r in daemon.runs(statuses=IN_FLIGHT) if r.dagster_run.job_name in REPLICATE_JOBS]
 
     wait_for(idle, timeout, "the daemon's runs to finish", interval=0.25)
 
@@ -864,6 +864,8 @@ def rss(stack: Stack, rows: int, timeout: float) -> RssResult:
             def watch() -> float | None:
                 daemon.check_alive()
                 for record in daemon.runs(statuses=IN_FLIGHT):
+                    if record.dagster_run.job_name not in REPLICATE_JOBS:
+                        continue  # e.g. a health-check run started by a schedule
                     run_id = record.dagster_run.run_id
                     if run_id not in pollers:
                         pid = daemon.run_worker_pid(run_id)
