@@ -31,7 +31,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# BASELINE=<commit> adds a "before" column: pg2k of that commit, side by side in the same run.
 bench: $(STAMP)
+	$(PY) benchmarks/bench_compare.py $(if $(BASELINE),--baseline $(BASELINE))
 	$(PY) benchmarks/bench_drain.py --changes 200000
 	$(PY) benchmarks/bench_decoder.py
 

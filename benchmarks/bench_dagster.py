@@ -61,9 +61,10 @@ Scenarios (flags; none given = the default set: drain, drain-plain, storage, lat
   Several trials because the figure depends on where in a batch the kill lands; the f = 0.5 one is
   "half-way".
 
-moto answers in about a millisecond where AWS takes 20-30 ms a request, and moto is slow at plain records
-(each plain record costs it time proportional to the records already in its shard, so plain drains slow
-down as a stream fills): absolute figures are for this machine only; compare the columns of one run.
+moto answers in about a millisecond where AWS takes 20-30 ms a request. moto runs behind the devstack's
+fixes (``devstack/moto_server.py``), with O(1) sequence numbers (``fast``) unless ``--stock-moto``: stock moto
+costs time proportional to the records already in a shard for every plain record, so plain drains slow
+down as a stream fills. Absolute figures are for this machine only; compare the columns of one run.
 """
 
 from __future__ import annotations
@@ -1035,11 +1036,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dup-kill-at", default="0.3,0.4,0.5,0.6,0.7",
                         help="one trial per fraction of the undisturbed twin's drain time at which to SIGKILL")
     parser.add_argument("--dup-plain", action="store_true",
-                        help="duplicates without --aggregate (slow: moto's plain puts slow down as a shard fills)")
+                        help="duplicates without --aggregate (slow with --stock-moto)")
     parser.add_argument("--sensor-interval", type=int, default=5, help="PG2K_SENSOR_INTERVAL_SECONDS")
     parser.add_argument("--extrapolate-rate", type=float, default=1000, help="changes/s for the extrapolation")
     parser.add_argument("--timeout", type=float, default=900, help="per drain, seconds")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--stock-moto", action="store_true",
+                        help="moto without the O(1) sequence-number fix (plain records then cost O(shard size))")
     args = parser.parse_args(argv)
     chosen = [s for s in ALL_SCENARIOS if getattr(args, s.replace("-", "_"))] or list(DEFAULT_SCENARIOS)
     if "storage" in chosen and "drain" not in chosen and "drain-plain" not in chosen:
@@ -1048,9 +1051,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: dict[str, Any] = {"scenarios": chosen}
     wall = time.perf_counter()
     say(f"bench_dagster: {', '.join(chosen)}  (PostgreSQL 15 and moto on loopback, {os.cpu_count()} CPUs, "
-        f"{SHARDS}-shard streams, JSON records)")
+        f"{SHARDS}-shard streams, JSON records, {'stock' if args.stock_moto else 'fast'} moto)")
 
-    with tempfile.TemporaryDirectory(prefix="bench-dagster-") as tmp, PostgresServer() as pg, MotoServer() as moto:
+    moto_server = MotoServer() if args.stock_moto else MotoServer(fast=True)
+    with tempfile.TemporaryDirectory(prefix="bench-dagster-") as tmp, PostgresServer() as pg, moto_server as moto:
         stack = Stack(pg, moto, Path(tmp), args.sensor_interval)
         drains: list[DrainResult] = []
         drain_home = stack.workdir / "home-drain"

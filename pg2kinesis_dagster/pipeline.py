@@ -35,7 +35,7 @@ from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
-from pg2kinesis_dagster.core.formats import make_formatter
+from pg2kinesis_dagster.core.formats import make_formatter, needs_row_images
 from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
@@ -180,6 +180,8 @@ class WindowResult:
             "checkpoints": self.published.put.checkpoints,
             "lag_bytes": self.lag_bytes,
             "seconds": round(self.seconds, 3),
+            # Plain records: rows with many changes in a chunk, one round trip each (--aggregate avoids it).
+            "hot_rows": [{"row": row, "changes": n} for row, n in self.published.put.hot_rows],
         }
 
 
@@ -232,9 +234,12 @@ class Replicator:
         self.settings = settings
         self.budget = settings.budget()
         self.spool = spool if spool is not None else Spool(settings.spool_dir)
-        self.decoder = decoder_for(
-            settings.output_plugin, **decoder_options(settings.output_plugin, pg, publication=settings.publication)
-        )
+        formatter = make_formatter(settings.message_formatter, full_change=settings.full_change,
+                                   typed=settings.typed_json)
+        options = decoder_options(settings.output_plugin, pg, publication=settings.publication)
+        if settings.output_plugin == "test_decoding" and not needs_row_images(formatter):
+            options["lazy_images"] = True  # a key-only format: row images validated, never parsed
+        self.decoder = decoder_for(settings.output_plugin, **options)
         self.slot = ReplicationSlot(
             pg, settings.slot_name, settings.output_plugin,
             publication=settings.publication if settings.output_plugin == "pgoutput" else None,
@@ -245,9 +250,7 @@ class Replicator:
         # The slot's spool folder: its name is only unique within one PostgreSQL server.
         self.spool_key = slot_key(settings.slot_name, pg.describe(with_user=False))
         self.builder = RecordBuilder(
-            formatter=make_formatter(
-                settings.message_formatter, full_change=settings.full_change, typed=settings.typed_json
-            ),
+            formatter=formatter,
             key_lookup=self.schema_keys.key_columns,
             change_filter=ChangeFilter(
                 table_pat=settings.table_pat,
@@ -475,7 +478,7 @@ class Replicator:
                     retried_entries=totals.retried_entries + report.retried_entries,
                     throttled_entries=totals.throttled_entries + report.throttled_entries,
                     seconds=totals.seconds + report.seconds,
-                )
+                ).with_hot_rows(report.hot_rows)
             if chunk.advance_to is not None and (confirmed is None or chunk.advance_to > confirmed):
                 # Every record up to this commit is acknowledged: a checkpoint.
                 advanced = self.slot.advance(chunk.advance_to)

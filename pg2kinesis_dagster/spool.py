@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pg2kinesis_dagster.core.batching import Record
+from pg2kinesis_dagster.core.batching import new_record
 from pg2kinesis_dagster.core.changes import SlotRow
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.window import RecordChunk, TransactionProgress
@@ -148,7 +148,7 @@ def _records_to_columns(chunk: RecordChunk) -> dict[str, Any]:
 
 def _records_from_columns(columns: dict[str, Any]) -> RecordChunk:
     records = [
-        Record(data, key, order, rid, hash_key, barrier)
+        new_record(data, key, order, rid, barrier, hash_key)  # Record(...) without its slow frozen __init__
         for data, key, order, rid, hash_key, barrier in zip(
             columns["data"], columns["partition_key"], columns["ordering_key"], columns["record_id"],
             columns["explicit_hash_key"], columns["barrier"], strict=True,

@@ -531,6 +531,7 @@ def halves_listing() -> list[dict[str, Any]]:
 
 
 def make_sink(client: FakeStream, clock: FakeClock, **kwargs: Any) -> KinesisSink:
+    kwargs.setdefault("max_in_flight", 1)  # the exact retry schedule (concurrency: test_sink_concurrency.py)
     return KinesisSink(client, "orders", sleep=clock.sleep, clock=clock, rng=MaxRng(),  # type: ignore[arg-type]
                        aggregate=True, **kwargs)
 
@@ -638,3 +639,42 @@ def test_without_aggregation_explicit_hash_keys_are_sent_and_nothing_else_change
     assert client.calls == [[{"Data": b"a", "PartitionKey": "k", "ExplicitHashKey": "0"},
                              {"Data": b"b", "PartitionKey": "k"}]]
     assert (report.records, report.user_records) == (2, 2)
+
+
+# -- KplRecord against aws_kinesis_agg's AggRecord (the reference encoder) ---------------------------
+
+
+def _reference_agg_record() -> type:
+    import sys
+
+    saved = list(sys.path)  # aws_kinesis_agg.aggregator prepends to sys.path; keep it as it was
+    try:
+        from aws_kinesis_agg.aggregator import AggRecord
+    finally:
+        sys.path[:] = saved
+    return AggRecord
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(40, 3000), st.lists(st.tuples(st.sampled_from([b"k", b"key-\xc3\xa9", b"x" * 200, b"k2"]),
+                                                 st.binary(max_size=400),
+                                                 st.sampled_from([None, b"0", b"12345", b"9" * 38])),
+                                       max_size=60))
+def test_kpl_record_is_aws_kinesis_agg_byte_for_byte(max_size: int, users: list[tuple[bytes, bytes, bytes | None]]
+                                                     ) -> None:
+    from pg2kinesis_dagster.kinesis.aggregation import KplRecord
+
+    reference, ours = _reference_agg_record()(max_size), KplRecord(max_size)
+    for pk, data, ehk in users:
+        try:
+            want = reference.add_user_record(pk, data, ehk)
+        except ValueError:
+            with pytest.raises(ValueError):
+                ours.add_user_record(pk, data, ehk)
+            continue
+        assert ours.add_user_record(pk, data, ehk) == want
+        assert ours.size() == reference.get_size_bytes()
+        if not want:
+            break
+    if ours.count:
+        assert ours.serialize() == reference.get_contents()[2]

@@ -214,6 +214,8 @@ def client_error(code: str, status: int = 400, message: str = "boom") -> ClientE
 
 
 def make_sink(client: FakeKinesis, clock: FakeClock, **kwargs: Any) -> KinesisSink:
+    # One request at a time: these tests pin the exact retry schedule (concurrency: test_sink_concurrency.py).
+    kwargs.setdefault("max_in_flight", 1)
     return KinesisSink(client, "orders", sleep=clock.sleep, clock=clock, rng=MaxRng(), **kwargs)  # type: ignore[arg-type]
 
 

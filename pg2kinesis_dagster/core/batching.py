@@ -42,6 +42,18 @@ class OrderingKeys(frozenset[Hashable]):
 
 
 @dataclass(frozen=True, slots=True)
+class SharedKey:
+    """Inside :class:`OrderingKeys`: ``key`` is only read, not written.
+
+    Records sharing ``key`` this way need no order among themselves; each still waits for an earlier record
+    holding ``key`` itself (and holds back a later one). A table's rows share the table; a change that touches
+    the whole table holds it.
+    """
+
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One Kinesis record, ready to send."""
 
@@ -67,6 +79,78 @@ class Record:
         key = self.partition_key
         key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
         object.__setattr__(self, "size", len(self.data) + key_bytes)
+
+
+_object_new = object.__new__
+_set_data = Record.data.__set__  # type: ignore[attr-defined]
+_set_partition_key = Record.partition_key.__set__  # type: ignore[attr-defined]
+_set_ordering_key = Record.ordering_key.__set__  # type: ignore[attr-defined]
+_set_record_id = Record.record_id.__set__  # type: ignore[attr-defined]
+_set_explicit_hash_key = Record.explicit_hash_key.__set__  # type: ignore[attr-defined]
+_set_barrier = Record.barrier.__set__  # type: ignore[attr-defined]
+_set_size = Record.size.__set__  # type: ignore[attr-defined]
+_RECORD_FIELDS = ("data", "partition_key", "ordering_key", "record_id", "explicit_hash_key", "barrier", "size")
+
+
+def _new_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
+                barrier: bool = False, explicit_hash_key: str | None = None) -> Record:
+    """``Record(data, partition_key, ordering_key, record_id, explicit_hash_key, barrier)`` without the frozen
+    dataclass's __init__ (each field through object.__setattr__): one is made per change, and again per change
+    read back from the spool."""
+    record = _object_new(Record)
+    _set_data(record, data)
+    _set_partition_key(record, partition_key)
+    _set_ordering_key(record, ordering_key)
+    _set_record_id(record, record_id)
+    _set_explicit_hash_key(record, explicit_hash_key)
+    _set_barrier(record, barrier)
+    _set_size(record, len(data) + (len(partition_key) if partition_key.isascii() else
+                                   len(partition_key.encode("utf-8"))))
+    return record
+
+
+def _slow_record(data: bytes, partition_key: str, ordering_key: Hashable, record_id: str,
+                 barrier: bool = False, explicit_hash_key: str | None = None) -> Record:
+    return Record(data, partition_key, ordering_key, record_id, explicit_hash_key, barrier)
+
+
+# The fast constructor only while Record has exactly these slots (else the constructor, slower but right).
+new_record = _new_record if tuple(Record.__slots__) == _RECORD_FIELDS else _slow_record
+
+
+HOT_ROW_CHANGES = 10  # changes of one row in one put from which it is reported as hot
+
+
+def describe_key(key: Hashable) -> str:
+    """An ordering key for people: ``schema.table:key values``, ``schema.table`` for a whole table."""
+    if isinstance(key, tuple) and len(key) == 4 and key[0] in ("row", "image"):
+        values = key[3]
+        if key[0] == "image":
+            values = tuple(v for _, v in values)
+        return f"{key[1]}.{key[2]}:" + ",".join("NULL" if v is None else str(v) for v in values)
+    if isinstance(key, tuple) and len(key) == 3 and key[0] == "table":
+        return f"{key[1]}.{key[2]}"
+    return str(key)
+
+
+def hot_rows(records: Sequence[Record], limit: int = 5, threshold: int = HOT_ROW_CHANGES) -> list[tuple[str, int]]:
+    """The rows (ordering keys held whole) with the most changes among ``records``, at least ``threshold``.
+
+    Without aggregation each such row costs one PutRecords round trip per change, whatever else runs in
+    parallel: ``threshold`` changes of a row take at least ``threshold`` round trips.
+    """
+    counts: dict[Hashable, int] = {}
+    get = counts.get
+    for record in records:
+        key = record.ordering_key
+        if type(key) is OrderingKeys:
+            for part in key:
+                if type(part) is not SharedKey:
+                    counts[part] = get(part, 0) + 1
+        else:
+            counts[key] = get(key, 0) + 1
+    hot = sorted(((n, k) for k, n in counts.items() if n >= threshold), key=lambda item: -item[0])[:limit]
+    return [(describe_key(k), n) for n, k in hot]
 
 
 def split_at_barriers(records: Sequence[Record]) -> list[Sequence[Record]]:
@@ -129,34 +213,60 @@ def check_record(record: Record, max_record_bytes: int = MAX_RECORD_BYTES) -> No
         )
 
 
-def next_request(pending: Sequence[Record], max_request_bytes: int = MAX_REQUEST_BYTES) -> list[int]:
+# States of the records of one put (``next_request``'s ``states``).
+WAITING, IN_FLIGHT, DONE = 0, 1, 2
+
+
+def next_request(pending: Sequence[Record], max_request_bytes: int = MAX_REQUEST_BYTES, *,
+                 states: Sequence[int] | None = None, start: int = 0) -> list[int]:
     """Indexes (ascending) of the ``pending`` records to send in the next PutRecords call.
 
     ``pending`` holds the unacknowledged records in input order. A record is
     chosen only if no earlier pending record has the same ordering key (or
-    shares one of its :class:`OrderingKeys`), so a
+    shares one of its :class:`OrderingKeys`; keys taken as :class:`SharedKey`
+    conflict only with the same key taken whole), so a
     request never holds two changes of one row, and never a change whose
     predecessor is still unacknowledged. Records are assumed to pass
     :func:`check_record`; the first pending record is then always chosen, so
     every call makes progress. Work is O(len(pending)) at worst and stops as
     soon as the request is full.
+
+    With ``states`` (one per record, from ``start`` on) several requests can be in flight: a ``DONE`` record
+    (acknowledged) is ignored, an ``IN_FLIGHT`` one (sent, not yet answered) is not sent again but still
+    holds its keys, so nothing of its row goes before it is acknowledged; only ``WAITING`` ones are chosen.
+    The result may then be empty (everything sendable is in flight).
     """
     chosen: list[int] = []
-    blocked: set[Hashable] = set()
+    blocked: set[Hashable] = set()  # keys held by an earlier pending record
+    shared: set[Hashable] = set()  # keys shared (SharedKey) by an earlier pending record
     total = 0
-    for index, record in enumerate(pending):
+    for index in range(start, len(pending)):
+        state = WAITING if states is None else states[index]
+        if state == DONE:
+            continue
+        record = pending[index]
         key = record.ordering_key
         if type(key) is OrderingKeys:
-            # Several keys: wait if any is blocked; either way block them all.
-            waits = not blocked.isdisjoint(key)
-            blocked.update(key)
+            # Several keys: wait if any conflicts with an earlier record; either way take them all.
+            waits = False
+            for part in key:
+                if type(part) is SharedKey:
+                    waits = waits or part.key in blocked
+                    shared.add(part.key)
+                else:
+                    waits = waits or part in blocked or part in shared
+                    blocked.add(part)
             if waits:
                 continue
         else:
             if key in blocked:
                 continue
-            # Whether or not it fits, later records of this key must wait for it.
+            # Whether or not it is sent now, later records of this key must wait for it.
             blocked.add(key)
+            if key in shared:  # an earlier record shares it: wait for that one
+                continue
+        if state == IN_FLIGHT:
+            continue
         size = record.size
         if total + size > max_request_bytes:
             # Request full by bytes: stop instead of hunting for smaller records

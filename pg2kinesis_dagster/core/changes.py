@@ -11,9 +11,10 @@ lost or reinterpreted on the way; typing them is a formatter's job.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 
 class Operation(str, Enum):
@@ -110,6 +111,128 @@ class Change:
     def id(self) -> str:
         """Unique and stable per change: a rerun of the same batch yields the same ids."""
         return f"{format_lsn(self.commit_lsn)}:{self.index}"
+
+
+# -- lazily decoded row images ---------------------------------------------------------------------
+
+Image = tuple[Column, ...]
+
+
+class PendingImages(Protocol):
+    """What a decoder keeps of a change whose row images it has validated but not parsed yet."""
+
+    def images(self) -> tuple[Image | None, Image | None]:
+        """``(after, before)`` exactly as the decoder would have built them."""
+        ...
+
+    def key(self, key_columns: Sequence[str]) -> dict[str, str | None] | None:
+        """The key values by :func:`~pg2kinesis_dagster.core.keys.extract_pk`'s rules (None without any image),
+        parsing no more than needed."""
+        ...
+
+
+_after_slot = Change.after  # the dataclass's slot descriptors, storage for LazyChange's properties
+_before_slot = Change.before
+
+
+class LazyChange(Change):
+    """A :class:`Change` whose ``after``/``before`` are parsed on first access (decoders' ``lazy_images`` mode).
+
+    A key-only format (CSV, CSVPayload without full change) then never pays for the row's other columns: the
+    key comes from :meth:`PendingImages.key`. Reading ``after`` or ``before`` gives exactly the tuples the eager
+    decoder builds; equality, ``dataclasses.replace`` and pickling see those parsed images.
+    """
+
+    __slots__ = ("_pending",)
+
+    def _parse(self) -> None:
+        pending = self._pending
+        self._pending = None
+        after, before = pending.images()
+        _after_slot.__set__(self, after)
+        _before_slot.__set__(self, before)
+
+    @property  # type: ignore[override]
+    def after(self) -> Image | None:
+        if self._pending is not None:
+            self._parse()
+        return _after_slot.__get__(self)
+
+    @after.setter
+    def after(self, value: Image | None) -> None:
+        if getattr(self, "_pending", None) is not None:
+            self._parse()
+        else:
+            self._pending = None
+        _after_slot.__set__(self, value)
+
+    @property  # type: ignore[override]
+    def before(self) -> Image | None:
+        if self._pending is not None:
+            self._parse()
+        return _before_slot.__get__(self)
+
+    @before.setter
+    def before(self, value: Image | None) -> None:
+        if getattr(self, "_pending", None) is not None:
+            self._parse()
+        else:
+            self._pending = None
+        _before_slot.__set__(self, value)
+
+    @property
+    def pending(self) -> PendingImages | None:
+        """The unparsed images, or None once parsed."""
+        return self._pending
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Change):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(Change))
+
+    __hash__ = None  # type: ignore[assignment]  # as the dataclass: mutable, unhashable
+
+    def __reduce__(self) -> tuple[type[Change], tuple[object, ...]]:
+        # Pickled as a plain Change with its images parsed (the pending state holds the decoder).
+        return Change, tuple(getattr(self, f.name) for f in dataclasses.fields(Change))
+
+
+_set_xid = Change.xid.__set__  # type: ignore[attr-defined]
+_set_lsn = Change.lsn.__set__  # type: ignore[attr-defined]
+_set_index = Change.index.__set__  # type: ignore[attr-defined]
+_set_schema = Change.schema.__set__  # type: ignore[attr-defined]
+_set_table = Change.table.__set__  # type: ignore[attr-defined]
+_set_op = Change.op.__set__  # type: ignore[attr-defined]
+_set_flags = Change.truncate_flags.__set__  # type: ignore[attr-defined]
+_set_commit_lsn = Change.commit_lsn.__set__  # type: ignore[attr-defined]
+_set_commit_time = Change.commit_time.__set__  # type: ignore[attr-defined]
+_set_pk = Change.pk.__set__  # type: ignore[attr-defined]
+_set_pending = LazyChange._pending.__set__  # type: ignore[attr-defined]
+if tuple(f.name for f in dataclasses.fields(Change)) != (
+    "xid", "lsn", "index", "schema", "table", "op", "after", "before", "truncate_flags", "commit_lsn",
+    "commit_time", "pk",
+):  # pragma: no cover - a reminder, checked at import
+    raise ImportError("Change changed shape: update lazy_change()")
+
+
+def lazy_change(xid: int, lsn: int, index: int, schema: str, table: str, op: Operation,
+                pending: PendingImages) -> LazyChange:
+    """A row change whose images ``pending`` will parse when first read (without the dataclass __init__)."""
+    change = _object_new(LazyChange)
+    _set_xid(change, xid)
+    _set_lsn(change, lsn)
+    _set_index(change, index)
+    _set_schema(change, schema)
+    _set_table(change, table)
+    _set_op(change, op)
+    _after_slot.__set__(change, None)
+    _before_slot.__set__(change, None)
+    _set_flags(change, ())
+    _set_commit_lsn(change, 0)
+    _set_commit_time(change, None)
+    _set_pk(change, None)
+    _set_pending(change, pending)
+    return change
 
 
 @dataclass(slots=True)

@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
+
 from pg2kinesis_dagster.core.changes import Change, Column, format_lsn
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.typed import BYTEA_MODES, Converter, convert_or_text, converter_for
@@ -23,6 +25,36 @@ _PREFIX = "0,CDC,"
 
 class Formatter(Protocol):
     def format(self, change: Change) -> bytes: ...
+
+
+def needs_row_images(formatter: object) -> bool:
+    """Whether ``formatter`` reads a change's row images (``after``/``before``) beyond its key.
+
+    A built-in format says so with ``row_images``; a custom class is assumed to read them. Decoders can skip
+    parsing the images of a format that does not (``lazy_images``).
+    """
+    return bool(getattr(formatter, "row_images", True))
+
+
+def dumps(value: object) -> bytes:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()`` for a value without floats.
+
+    For strings, integers, booleans, None, lists and dicts of them orjson writes the same bytes (checked by
+    tests/test_formats_fast.py), several times faster; what it refuses (integers beyond 64 bits, lone
+    surrogates) goes through the standard library. Not for floats: orjson writes ``1e-07`` as ``1e-7``.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json_string(text: str) -> bytes:
+    """A JSON string literal, as json.dumps(text, ensure_ascii=False) encoded as UTF-8."""
+    try:
+        return orjson.dumps(text)
+    except TypeError:  # lone surrogates: as json.dumps would (then fail to encode, as before)
+        return json.dumps(text, ensure_ascii=False).encode()
 
 
 def pkey_text(change: Change) -> str:
@@ -48,6 +80,8 @@ def unchanged_columns(change: Change) -> list[str]:
 class CSVFormatter:
     """``0,CDC,<xid>,<schema.table>,<operation>,<pkey>``, as pg2kinesis's CSVFormatter."""
 
+    row_images = False  # the key only
+
     def __init__(self, full_change: bool = False) -> None:
         # pg2kinesis had no full-change form of CSV; the flag is accepted and ignored here.
         self.full_change = full_change
@@ -67,8 +101,19 @@ class CSVPayloadFormatter:
 
     def __init__(self, full_change: bool = False) -> None:
         self.full_change = full_change
+        self.row_images = full_change
+        # (schema, table, operation) -> the bytes between the xid and the pkey value (bounded, see _middle).
+        self._middles: dict[tuple[str, str, str], bytes] = {}
 
     def format(self, change: Change) -> bytes:
+        if not self.full_change:
+            # The bytes of json.dumps({"xid": ..., "table": ..., "operation": ..., "pkey": ...}) built from
+            # parts: the table and operation part is the same for every change of a table.
+            op = change.op.value
+            middle = self._middles.get((change.schema, change.table, op))
+            if middle is None:
+                middle = self._middle(change.schema, change.table, op)
+            return b'0,CDC,{"xid": "%d' % change.xid + middle + _json_string(pkey_text(change)) + b"}"
         payload: dict[str, object] = {
             "xid": str(change.xid),
             "table": change.qualified_table,
@@ -81,6 +126,15 @@ class CSVPayloadFormatter:
         # json.dumps's default separators are the ones pg2kinesis produced.
         return (_PREFIX + json.dumps(payload, ensure_ascii=False)).encode()
 
+    def _middle(self, schema: str, table: str, op: str) -> bytes:
+        if len(self._middles) >= 10_000:  # bounded: a stream of ever-new tables
+            self._middles.clear()
+        middle = self._middles[(schema, table, op)] = (
+            b'", "table": ' + _json_string(f"{schema}.{table}") + b', "operation": ' + _json_string(op)
+            + b', "pkey": '
+        )
+        return middle
+
 
 class JSONFormatter:
     """One JSON object per change; see the README's "JSON format" for every field.
@@ -90,9 +144,13 @@ class JSONFormatter:
     otherwise, and by default, they keep PostgreSQL's text form.
     """
 
+    row_images = True
+
     def __init__(self, full_change: bool = True, *, typed: bool = False, bytea: str = "base64") -> None:
         if bytea not in BYTEA_MODES:
             raise ConfigError(f"unknown bytea encoding {bytea!r}: use one of {', '.join(BYTEA_MODES)}")
+        self._commit_lsn = -1  # the last commit LSN seen and its text: consecutive changes share it
+        self._commit_text = ""
         self.full_change = full_change
         self.typed = typed
         self.bytea = bytea
@@ -106,10 +164,14 @@ class JSONFormatter:
             pk = self._typed_pk(change)
         else:
             after, before, pk = row_object(change.after), row_object(change.before), change.pk
+        if change.commit_lsn != self._commit_lsn:
+            self._commit_lsn = change.commit_lsn
+            self._commit_text = format_lsn(change.commit_lsn)
+        commit = self._commit_text
         payload: dict[str, object] = {
-            "id": change.id,
+            "id": f"{commit}:{change.index}",  # Change.id
             "lsn": format_lsn(change.lsn),
-            "commit_lsn": format_lsn(change.commit_lsn),
+            "commit_lsn": commit,
             "xid": change.xid,
             "commit_ts": change.commit_time,
             "table": change.qualified_table,
@@ -123,7 +185,9 @@ class JSONFormatter:
             payload["unchanged_toast"] = unchanged
         if change.truncate_flags:
             payload["truncate_flags"] = list(change.truncate_flags)
-        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if self.typed:  # floats: the standard library's shortest form, as documented
+            return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        return dumps(payload)
 
     def _converter(self, type_name: str) -> Converter | None:
         try:
@@ -210,6 +274,7 @@ class _Encoding:
 
     def __init__(self, inner: Formatter) -> None:
         self.inner = inner
+        self.row_images = needs_row_images(inner)
 
     def format(self, change: Change) -> bytes:
         out = self.inner.format(change)

@@ -10,13 +10,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pg2kinesis_dagster.core.batching import Record
-from pg2kinesis_dagster.core.changes import Operation, Transaction
+from pg2kinesis_dagster.core.batching import Record, new_record
+from pg2kinesis_dagster.core.changes import Operation, Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.filters import ChangeFilter
 from pg2kinesis_dagster.core.formats import Formatter
-from pg2kinesis_dagster.core.keys import PartitionBy, extract_pk, ordering_key, partition_key
+from pg2kinesis_dagster.core.keys import (
+    MAX_PARTITION_KEY_CHARS,
+    PartitionBy,
+    extract_pk,
+    ordering_key,
+    partition_key,
+)
 from pg2kinesis_dagster.core.oversize import DEFAULT_LIMIT, OversizedPolicy, fit_record
 
 # (schema, table) -> primary-key columns; () for a table without a key; None when unknown.
@@ -92,43 +98,66 @@ class RecordBuilder:
 
         A transaction decoded in parts is counted once, with its last part.
         """
+        append = records.append
         fmt = self.formatter.format
+        change_filter = self.change_filter
+        accepts = change_filter.accepts if change_filter != _ACCEPT_ALL else None
         exclude = self.exclude_columns.apply if self.exclude_columns else None
+        truncate_oversized = self.oversized is OversizedPolicy.TRUNCATE
+        by_row = self.partition_by is PartitionBy.ROW
+        # Per table, looked up once per transaction: (key columns or None, "schema.table").
+        tables: dict[tuple[str, str], tuple[tuple[str, ...] | None, str]] = {}
+        by_table_op: Counter[tuple[str, str]] = Counter()
+        commit_lsn, commit_text = -1, ""  # the record ids' commit LSN text, computed once per commit
+        record_bytes = 0
+        published = len(records)
+        truncate = Operation.TRUNCATE
         if not txn.partial:
             stats.transactions += 1
+        stats.changes += len(txn.changes)
         for change in txn.changes:
-            stats.changes += 1
-            if not self.change_filter.accepts(change):
+            if accepts is not None and not accepts(change):
                 stats.filtered += 1
                 continue
-            key_columns = self.key_lookup(change.schema, change.table)
+            name = (change.schema, change.table)
+            table = tables.get(name)
+            if table is None:
+                table = tables[name] = (self.key_lookup(*name), f"{name[0]}.{name[1]}")
+            key_columns, qualified = table
             if exclude is not None:
                 exclude(change, key_columns)
             if key_columns:
-                change.pk = extract_pk(change, key_columns)
+                pk = change.pk = extract_pk(change, key_columns)
             else:
+                pk = None
                 stats.no_key_changes += 1
-                stats.no_key_tables.add(change.qualified_table)
+                stats.no_key_tables.add(qualified)
                 if self.no_key_policy is NoKeyPolicy.SKIP:
                     stats.skipped_no_key += 1
                     continue
-            key = partition_key(change, self.partition_by, self.partition_constant)
-            if self.oversized is OversizedPolicy.TRUNCATE:
+            if by_row and pk and len(pk) == 1 and (value := next(iter(pk.values()))) is not None \
+                    and len(qualified) + len(value) < MAX_PARTITION_KEY_CHARS:
+                key = f"{qualified}:{value}"  # partition_key()'s result, without its general path
+            else:
+                key = partition_key(change, self.partition_by, self.partition_constant)
+            if truncate_oversized:
                 data, truncated = fit_record(change, fmt, key, limit=self.max_record_bytes,
                                              protected=key_columns or ())
                 stats.truncated_records += bool(truncated)
             else:
                 data = fmt(change)
-            records.append(
-                Record(
-                    data=data,
-                    partition_key=key,
-                    ordering_key=ordering_key(change),
-                    record_id=change.id,
-                    # A TRUNCATE empties the whole table: it must stay after and before every row change.
-                    barrier=change.op is Operation.TRUNCATE,
-                )
-            )
-            stats.published += 1
-            stats.record_bytes += len(data)
-            stats.by_table_op[f"{change.qualified_table} {change.op.value}"] += 1
+            if change.commit_lsn != commit_lsn:
+                commit_lsn = change.commit_lsn
+                commit_text = format_lsn(commit_lsn)
+            op = change.op
+            # A TRUNCATE empties the whole table: it must stay after and before every row change.
+            append(new_record(data, key, ordering_key(change, key_columns or ()),
+                              f"{commit_text}:{change.index}", op is truncate))
+            record_bytes += len(data)
+            by_table_op[(qualified, op.value)] += 1
+        stats.published += len(records) - published
+        stats.record_bytes += record_bytes
+        stats.by_table_op.update({f"{table} {op}": n for (table, op), n in by_table_op.items()})
+
+
+_ACCEPT_ALL = ChangeFilter()

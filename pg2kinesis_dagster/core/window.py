@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pg2kinesis_dagster.core.batching import Record
@@ -177,6 +178,21 @@ class PutTotals:
     skipped_records: int = 0
     # Slot advances made while publishing (checkpoints).
     checkpoints: int = 0
+    # Plain records: the rows with the most changes in a chunk (KinesisSink's PutReport.hot_rows, the largest
+    # count of each row over the chunks), as ("schema.table:key", changes): each change costs a round trip.
+    hot_rows: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:  # from JSON (to_dict/from_dict): lists back to tuples
+        object.__setattr__(self, "hot_rows", tuple((str(row), int(n)) for row, n in self.hot_rows))
+
+    def with_hot_rows(self, rows: Sequence[tuple[str, int]], limit: int = 5) -> PutTotals:
+        if not rows:
+            return self
+        merged = dict(self.hot_rows)
+        for row, n in rows:
+            merged[row] = max(n, merged.get(row, 0))
+        top = sorted(merged.items(), key=lambda item: -item[1])[:limit]
+        return replace(self, hot_rows=tuple(top))
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,8 @@ def publish(
             "throttled_entries": put.throttled_entries,
             "checkpoints": put.checkpoints,
             "seconds": round(put.seconds, 3),
+            # Plain records: rows with many changes in a chunk cost one round trip per change (use --aggregate).
+            "hot_rows": MetadataValue.json([{"row": row, "changes": n} for row, n in put.hot_rows]),
         },
     )
 

@@ -34,22 +34,25 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _server_command(host: str, port: int) -> list[str]:
-    # Prefer the console script next to the running interpreter (the venv's),
-    # fall back to the module, which works wherever moto[server] is importable.
-    script = Path(sys.executable).parent / "moto_server"
-    if script.exists():
-        return [str(script), "-H", host, "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+def _server_command(host: str, port: int, fast: bool = False) -> list[str]:
+    # moto's server behind our two backend fixes (devstack.moto_server): concurrent PutRecords serialised
+    # (always), O(1) sequence numbers (``fast``, benchmarks only).
+    return [sys.executable, "-m", "pg2kinesis_dagster.devstack.moto_server", *(["--fast"] if fast else []),
+            "-H", host, "-p", str(port)]
 
 
 class MotoServer:
-    """moto's server on 127.0.0.1 and a free port; use as a context manager or start()/stop()."""
+    """moto's server on 127.0.0.1 and a free port; use as a context manager or start()/stop().
+
+    Its Kinesis writes are serialised (moto numbers records unsafely under concurrent requests; see
+    :mod:`.moto_server`). ``fast=True`` (benchmarks) also makes each record O(1) instead of O(shard size).
+    """
 
     region = "us-east-1"
 
-    def __init__(self, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+    def __init__(self, host: str = "127.0.0.1", start_timeout: float = 30.0, *, fast: bool = False) -> None:
         self.host = host
+        self.fast = fast
         self.start_timeout = start_timeout
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -82,7 +85,8 @@ class MotoServer:
                 # Own session = own process group, so stop() can kill it with
                 # any children and nothing outlives the tests.
                 self._proc = subprocess.Popen(
-                    _server_command(self.host, self.port),
+                    _server_command(self.host, self.port, self.fast) if self.fast
+                    else _server_command(self.host, self.port),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import sys
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +31,107 @@ from pg2kinesis_dagster.core.batching import (
     MAX_RECORD_BYTES,
     OrderingKeys,
     Record,
+    SharedKey,
 )
 from pg2kinesis_dagster.core.errors import RecordTooLargeError, SinkError
 
-# aws_kinesis_agg.aggregator puts its own directory and site-packages at the front
-# of sys.path (so its generated protobuf modules can import each other by bare
-# name); undo that so it cannot shadow other modules, the standard library's too.
-_saved_path = list(sys.path)
-try:
-    from aws_kinesis_agg.aggregator import AggRecord
-finally:
-    sys.path[:] = _saved_path
-    del _saved_path
+# The KPL aggregated record format (github.com/awslabs/amazon-kinesis-producer, aggregation-format.md):
+# MAGIC, the protobuf AggregatedRecord, the MD5 digest of the protobuf bytes.
+KPL_MAGIC = b"\xf3\x89\x9a\xc2"
+_DIGEST_SIZE = 16
+_VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 1 << 14:
+        return _VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 0x80 else 2 if n < 1 << 14 else (n.bit_length() + 6) // 7
+
+
+class KplRecord:
+    """One KPL-aggregated record being filled: ``aws_kinesis_agg``'s ``AggRecord`` without its per-record cost.
+
+    The bytes and the "full" decision are exactly ``AggRecord``'s (tests/test_aggregation.py checks both against
+    it and against protobuf's own serialisation), but the size is kept as a running total and the protobuf
+    message is written once, by concatenation, when the record is complete: AggRecord re-encodes keys and
+    builds protobuf objects for every user record. Field order is protobuf's: the partition key table (1), the
+    explicit hash key table (2), the records (3), each record its key index (1), hash key index (2), data (3).
+    """
+
+    __slots__ = ("_body_size", "_ehk_index", "_ehk_table", "_max_size", "_parts", "_pk_index", "_pk_table", "count")
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._body_size = 0
+        self._pk_index: dict[bytes, int] = {}
+        self._ehk_index: dict[bytes, int] = {}
+        self._pk_table: list[bytes] = []
+        self._ehk_table: list[bytes] = []
+        self._parts: list[bytes] = []
+        self.count = 0
+
+    def size(self) -> int:
+        return len(KPL_MAGIC) + self._body_size + _DIGEST_SIZE
+
+    def add_user_record(self, partition_key: bytes, data: bytes, explicit_hash_key: bytes | None = None) -> bool:
+        """Add a user record if it fits: False when the record is full; ValueError if it can never fit."""
+        pk_index = self._pk_index.get(partition_key)
+        if pk_index is None:
+            new_pk = len(self._pk_table)
+            size = len(partition_key)
+            message_size = 2 + size if size < 0x80 else 1 + _varint_size(size) + size
+            inner = 2 if new_pk < 0x80 else 1 + _varint_size(new_pk)
+        else:
+            message_size = 0
+            inner = 2 if pk_index < 0x80 else 1 + _varint_size(pk_index)
+        ehk_index = None
+        if explicit_hash_key is not None:
+            ehk_index = self._ehk_index.get(explicit_hash_key)
+            if ehk_index is None:
+                new_ehk = len(self._ehk_table)
+                message_size += 1 + _varint_size(len(explicit_hash_key)) + len(explicit_hash_key)
+            inner += 1 + _varint_size(new_ehk if ehk_index is None else ehk_index)
+        data_size = len(data)
+        inner += (2 if data_size < 0x80 else 3 if data_size < 0x4000 else 1 + _varint_size(data_size)) + data_size
+        message_size += (2 if inner < 0x80 else 3 if inner < 0x4000 else 1 + _varint_size(inner)) + inner
+        if message_size > self._max_size:
+            raise ValueError(f"user record of {message_size} bytes too big for an aggregated record")
+        if 20 + self._body_size + message_size > self._max_size:  # 20: len(KPL_MAGIC) + _DIGEST_SIZE
+            return False
+        if pk_index is None:
+            pk_index = self._pk_index[partition_key] = new_pk
+            self._pk_table.append(partition_key)
+        parts = self._parts
+        if explicit_hash_key is None:
+            parts.append(b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index) + b"\x1a" + _varint(data_size))
+        else:
+            if ehk_index is None:
+                ehk_index = self._ehk_index[explicit_hash_key] = new_ehk
+                self._ehk_table.append(explicit_hash_key)
+            parts.append(b"\x1a" + _varint(inner) + b"\x08" + _varint(pk_index) + b"\x10" + _varint(ehk_index)
+                         + b"\x1a" + _varint(data_size))
+        parts.append(data)
+        self._body_size += message_size
+        self.count += 1
+        return True
+
+    def serialize(self) -> bytes:
+        body = b"".join([
+            *(b"\x0a" + _varint(len(k)) + k for k in self._pk_table),
+            *(b"\x12" + _varint(len(k)) + k for k in self._ehk_table),
+            *self._parts,
+        ])
+        return KPL_MAGIC + body + hashlib.md5(body).digest()
+
 
 # botocore builds client classes at runtime; there is no importable type.
 KinesisClient = Any
@@ -181,32 +269,33 @@ class _Builder:
 
     __slots__ = ("agg", "closed", "first", "partition_key", "records", "row_keys", "shard")
 
-    def __init__(self, shard: Shard, first: Record, max_bytes: int) -> None:
+    def __init__(self, shard: Shard, first: Record, max_bytes: int, first_key: bytes | None = None) -> None:
         self.shard = shard
         self.partition_key = first.partition_key
+        first_key = first.partition_key.encode("utf-8") if first_key is None else first_key
         # Kinesis counts the outer partition key against the record limit too;
-        # AggRecord only counts its serialised bytes, so give it the rest.
-        self.agg: AggRecord | None = AggRecord(max_bytes - len(first.partition_key.encode("utf-8")))
+        # the KPL record only counts its serialised bytes, so give it the rest.
+        self.agg: KplRecord | None = KplRecord(max_bytes - len(first_key))
         self.first = first
         self.records: list[Record] = []
         # Rows that also have changes in another shard's aggregates.
         self.row_keys: set[Hashable] = set()
         self.closed = False
-        if not self.add(first):
+        if not self.add(first, first_key):
             self.agg = None  # does not fit in an envelope: sent as a plain record
             self.records.append(first)
             self.closed = True
 
-    def add(self, record: Record) -> bool:
-        """Add ``record`` if the aggregate stays within the limit; False if it is full."""
+    def add(self, record: Record, partition_key: bytes | None = None) -> bool:
+        """Add ``record`` (``partition_key``: its key's UTF-8 bytes) if the aggregate stays within the limit;
+        False if it is full."""
         if self.agg is None or self.closed:
             return False
-        # Keys as bytes: AggRecord then counts repeated keys exactly (with str it
-        # re-counts every key as new) and the protobuf takes UTF-8 bytes as is.
+        # Keys as UTF-8 bytes, as the protobuf carries them.
         hash_key = record.explicit_hash_key
         try:
             added = self.agg.add_user_record(
-                record.partition_key.encode("utf-8"),
+                record.partition_key.encode("utf-8") if partition_key is None else partition_key,
                 record.data,
                 hash_key.encode("ascii") if hash_key is not None else None,
             )
@@ -226,7 +315,7 @@ class _Builder:
         if self.agg is None:
             data, record_id = first.data, first.record_id
         else:
-            data = self.agg.get_contents()[2]
+            data = self.agg.serialize()
             record_id = first.record_id if len(records) == 1 else (
                 f"{first.record_id}..{last.record_id} ({len(records)} changes)"
             )
@@ -260,7 +349,7 @@ def aggregate(
     out: list[_Builder] = []  # closed aggregates, in closing order
     open_by_shard: dict[str, _Builder] = {}
     last_builder: dict[Hashable, _Builder] = {}  # where each row's latest change went
-    shard_of_key: dict[str, Shard] = {}  # hot keys repeat: hash each once
+    routes: dict[str, tuple[Shard, bytes]] = {}  # partition key -> its shard and UTF-8 bytes: keys repeat
 
     def close(builder: _Builder) -> None:
         builder.closed = True
@@ -279,35 +368,46 @@ def aggregate(
             )
         pk = record.partition_key
         if record.explicit_hash_key is not None:
-            shard = shard_map.shard_for(pk, record.explicit_hash_key)
-        elif pk in shard_of_key:
-            shard = shard_of_key[pk]
+            shard, pk_bytes = shard_map.shard_for(pk, record.explicit_hash_key), pk.encode("utf-8")
         else:
-            shard = shard_of_key[pk] = shard_map.shard_for(pk)
+            route = routes.get(pk)
+            if route is None:
+                route = routes[pk] = (shard_map.shard_for(pk), pk.encode("utf-8"))
+            shard, pk_bytes = route
         key = record.ordering_key
-        previous = last_builder.get(key)
-        crosses = previous is not None and previous.shard.shard_id != shard.shard_id
-        if crosses:
-            assert previous is not None
-            # The aggregate taking this change must wait for the one holding the
-            # row's previous change: close that one now, so it comes first in the
-            # output and no later change can make the two wait for each other.
-            if not previous.closed:
-                close(previous)
-            previous.row_keys.add(key)
+        crossing: list[Hashable] | None = None
+        if type(key) is OrderingKeys:
+            # Each identity of the change (a key change or a keyless row has several; shared ones are
+            # counted as whole here: at worst two aggregates wait for each other when they need not).
+            parts: Sequence[Hashable] = [p.key if type(p) is SharedKey else p for p in key]
+        else:
+            parts = (key,)
+        for part in parts:
+            previous = last_builder.get(part)
+            if previous is not None and previous.shard is not shard:
+                # The aggregate taking this change must wait for the one holding the
+                # row's previous change: close that one now, so it comes first in the
+                # output and no later change can make the two wait for each other.
+                if not previous.closed:
+                    close(previous)
+                previous.row_keys.add(part)
+                if crossing is None:
+                    crossing = []
+                crossing.append(part)
 
         builder = open_by_shard.get(shard.shard_id)
-        if builder is None or not builder.add(record):
+        if builder is None or not builder.add(record, pk_bytes):
             if builder is not None:
                 close(builder)
-            builder = _Builder(shard, record, max_bytes)
+            builder = _Builder(shard, record, max_bytes, pk_bytes)
             if builder.closed:  # a plain record: nothing else goes with it
                 out.append(builder)
             else:
                 open_by_shard[shard.shard_id] = builder
-        if crosses:
-            builder.row_keys.add(key)
-        last_builder[key] = builder
+        if crossing is not None:
+            builder.row_keys.update(crossing)
+        for part in parts:
+            last_builder[part] = builder
 
     # What is still open depends only on closed aggregates: any order is safe;
     # first-change order keeps the output close to the input.

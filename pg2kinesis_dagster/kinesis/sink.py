@@ -19,6 +19,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +35,14 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pg2kinesis_dagster.core.batching import (
+    DONE,
+    IN_FLIGHT,
     MAX_RECORD_BYTES,
+    WAITING,
     Record,
     check_record,
+    hot_rows,
     next_request,
-    remove_acknowledged,
     request_bytes_limit,
     split_at_barriers,
 )
@@ -53,6 +57,11 @@ from pg2kinesis_dagster.kinesis.aggregation import aggregate as aggregate_record
 
 # botocore builds client classes at runtime; there is no importable type.
 KinesisClient = Any
+# What one PutRecords call gave: its response, or the botocore error it raised.
+_Answer = Any
+# PutRecords requests in flight at once by default: 8 x 500 records per 20-30 ms round trip is more than a
+# 40-shard stream accepts; botocore's connection pool is sized to match (make_kinesis_client).
+DEFAULT_MAX_IN_FLIGHT = 8
 
 # Request-level error codes worth retrying (besides any HTTP 5xx).
 RETRYABLE_REQUEST_CODES = frozenset(
@@ -121,6 +130,8 @@ def make_kinesis_client(
         # botocore's own retries cover brief blips inside one call; the sink's
         # loop handles longer outages and per-entry failures.
         retries={"max_attempts": max_attempts, "mode": "standard"},
+        # One connection per PutRecords request in flight (KinesisSink.max_in_flight), and a few more.
+        max_pool_connections=DEFAULT_MAX_IN_FLIGHT + 4,
     )
     try:
         # Explicit keys are for dagster-aws-style resources fed by EnvVar; None means the chain.
@@ -158,6 +169,9 @@ class PutReport:
     # Changes (input records) carried, all acknowledged; equals ``records``
     # without aggregation, which the default (-1) stands for.
     user_records: int = -1
+    # Without aggregation: the rows with the most changes in this put (at least HOT_ROW_CHANGES), as
+    # ("schema.table:key", changes). Each change of such a row waits a round trip for the previous one.
+    hot_rows: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.user_records < 0:
@@ -212,6 +226,7 @@ class KinesisSink:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         aggregate: bool = False,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         if not stream_name:
             raise ConfigError("the Kinesis stream name is empty: pass --stream-name.")
@@ -225,6 +240,10 @@ class KinesisSink:
         self._rng = rng if rng is not None else random.Random()
         # KPL-aggregate records (many changes per Kinesis record); needs kinesis:ListShards.
         self.aggregate = aggregate
+        if max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        # PutRecords requests sent before the earlier ones are answered (1: one at a time).
+        self.max_in_flight = max_in_flight
         # The stream's record size limit (MaxRecordSizeInKiB), read by check_stream(); until then unknown.
         self._max_record_bytes: int | None = None
 
@@ -339,6 +358,7 @@ class KinesisSink:
             throttled_entries=progress.throttled,
             seconds=self._clock() - started,
             user_records=total,
+            hot_rows=[] if self.aggregate else hot_rows(records),
         )
 
     def _put_aggregated(self, records: Sequence[Record], progress: _Progress) -> int:
@@ -413,83 +433,130 @@ class KinesisSink:
     ) -> list[tuple[AggregatedRecord, str]]:
         """Send ``pending_records`` until all are acknowledged (the list is emptied in place).
 
-        With ``aggregated``, returns early with the acknowledged aggregates that
-        landed on another shard than their own (``(record, shard id)``), leaving
-        the unsent ones in ``pending_records``.
+        Up to ``max_in_flight`` PutRecords requests are in flight at once (botocore waits for the network
+        without the GIL). :func:`next_request` keeps every record of a request's rows out of later requests
+        until that request is answered, so a row's later change is only sent once the earlier one is
+        acknowledged, and failed entries go first in the next request.
+
+        With ``aggregated``, returns with the acknowledged aggregates that landed on another shard than their
+        own (``(record, shard id)``) once the requests in flight are answered, leaving the unacknowledged ones
+        in ``pending_records``.
         """
-        # Parallel pending lists in input order; entry dicts are built once.
-        pending_entries: list[dict[str, Any]] = [
+        # Entry dicts built once, parallel to the records.
+        entries: list[dict[str, Any]] = [
             {"Data": r.data, "PartitionKey": r.partition_key}
             if r.explicit_hash_key is None
             else {"Data": r.data, "PartitionKey": r.partition_key, "ExplicitHashKey": r.explicit_hash_key}
             for r in pending_records
         ]
+        count = len(pending_records)
+        states = [WAITING] * count
+        start = 0  # records before it are all acknowledged
+        remaining = count
         misrouted: list[tuple[AggregatedRecord, str]] = []
-
-        while pending_records:
-            chosen = next_request(pending_records, request_bytes_limit(self.max_record_bytes))
-            batch = [pending_entries[i] for i in chosen]
-            progress.requests += 1
-            acked: list[int]
-            failure: Counter[str] = Counter()
-            try:
-                response = self.client.put_records(StreamName=self.stream_name, Records=batch)
-            except ClientError as exc:
-                code = _error_code(exc)
-                if not (code in RETRYABLE_REQUEST_CODES or _http_status(exc) >= 500):
-                    raise self._fatal(exc, code, progress.acknowledged, progress.total) from exc
-                acked = []
-                failure[code] = len(chosen)
-            except _TRANSPORT_ERRORS as exc:
-                acked = []
-                failure[type(exc).__name__] = len(chosen)
-            except BotoCoreError as exc:
-                raise SinkError(
-                    self._botocore_message(exc, "put records")
-                    + f" {progress.acknowledged} of {progress.total} records were acknowledged; the "
-                    "slot was not advanced."
-                ) from exc
-            else:
-                results = response.get("Records", [])
-                if len(results) != len(chosen):
-                    # Cannot tell which entries landed: resend them all (at-least-once).
-                    acked = []
-                    failure["MismatchedResponse"] = len(chosen)
-                else:
-                    acked = []
-                    for i, result in zip(chosen, results, strict=True):
-                        code = result.get("ErrorCode")
-                        if code is None:
-                            acked.append(i)
-                            if aggregated:
-                                sent: AggregatedRecord = pending_records[i]  # type: ignore[assignment]
-                                landed = result.get("ShardId")
-                                if landed and landed != sent.shard_id:
-                                    misrouted.append((sent, str(landed)))
-                        else:
-                            failure[code] += 1
-                    fatal = KMS_KEY_ERROR_CODES.intersection(failure)
-                    if fatal:
-                        code = min(fatal)
-                        message = next(
-                            (r.get("ErrorMessage", "") for r in results if r.get("ErrorCode") == code), ""
-                        )
-                        done = progress.acknowledged + self._weight(pending_records, acked, aggregated)
-                        raise SinkError(self._kms_message(code, message) + self._progress(done, progress.total))
-
-            progress.acknowledged += self._weight(pending_records, acked, aggregated)
-            remove_acknowledged(pending_records, acked)
-            remove_acknowledged(pending_entries, acked)
-            if not failure:
-                progress.failing_rounds = 0
-                progress.last_progress = self._clock()
-            else:
-                progress.retried += sum(failure.values())
-                progress.throttled += sum(n for c, n in failure.items() if c in THROTTLING_CODES)
-                self._back_off(progress, failure, made_progress=bool(acked))
-            if misrouted:
-                return misrouted
+        concurrent = self.max_in_flight > 1 and count > 1
+        pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="kinesis-put") if concurrent else None
+        in_flight: dict[Future[_Answer], list[int]] = {}
+        request_limit = request_bytes_limit(self.max_record_bytes)
+        try:
+            while remaining:
+                while not misrouted and len(in_flight) < self.max_in_flight:
+                    chosen = next_request(pending_records, request_limit, states=states, start=start)
+                    if not chosen:
+                        break
+                    for i in chosen:
+                        states[i] = IN_FLIGHT
+                    batch = [entries[i] for i in chosen]
+                    progress.requests += 1
+                    if pool is not None:
+                        future = pool.submit(self._put_records, batch)
+                    else:
+                        future = Future()
+                        future.set_result(self._put_records(batch))
+                    in_flight[future] = chosen
+                if not in_flight:
+                    break
+                done = wait(in_flight, return_when=FIRST_COMPLETED).done if pool is not None else list(in_flight)
+                # Answers in the order the requests were sent, so failures back off in a stable order.
+                for future in [f for f in in_flight if f in done]:
+                    chosen = in_flight.pop(future)
+                    acked = self._answer(future.result(), chosen, pending_records, progress, aggregated, misrouted)
+                    for i in chosen:
+                        states[i] = WAITING
+                    for i in acked:
+                        states[i] = DONE
+                    remaining -= len(acked)
+                while start < count and states[start] == DONE:
+                    start += 1
+                if misrouted and not in_flight:
+                    break
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)  # requests still in flight after an error: answered or timed out
+        pending_records[:] = [r for r, state in zip(pending_records, states, strict=True) if state != DONE]
         return misrouted
+
+    def _put_records(self, batch: list[dict[str, Any]]) -> _Answer:
+        """One PutRecords call (on a worker thread when concurrent); errors are returned, not raised."""
+        try:
+            return self.client.put_records(StreamName=self.stream_name, Records=batch)
+        except (ClientError, BotoCoreError) as exc:
+            return exc
+
+    def _answer(self, answer: _Answer, chosen: list[int], pending_records: list[Record], progress: _Progress,
+                aggregated: bool, misrouted: list[tuple[AggregatedRecord, str]]) -> list[int]:
+        """Account for one request's answer; the indexes acknowledged. Raises SinkError on a fatal error,
+        backs off (sleeps, or raises once retrying is over) after a failure."""
+        acked: list[int] = []
+        failure: Counter[str] = Counter()
+        if isinstance(answer, ClientError):
+            code = _error_code(answer)
+            if not (code in RETRYABLE_REQUEST_CODES or _http_status(answer) >= 500):
+                raise self._fatal(answer, code, progress.acknowledged, progress.total) from answer
+            failure[code] = len(chosen)
+        elif isinstance(answer, _TRANSPORT_ERRORS):
+            failure[type(answer).__name__] = len(chosen)
+        elif isinstance(answer, BotoCoreError):
+            raise SinkError(
+                self._botocore_message(answer, "put records")
+                + f" {progress.acknowledged} of {progress.total} records were acknowledged; the "
+                "slot was not advanced."
+            ) from answer
+        else:
+            results = answer.get("Records", [])
+            if len(results) != len(chosen):
+                # Cannot tell which entries landed: resend them all (at-least-once).
+                failure["MismatchedResponse"] = len(chosen)
+            else:
+                for i, result in zip(chosen, results, strict=True):
+                    code = result.get("ErrorCode")
+                    if code is None:
+                        acked.append(i)
+                        if aggregated:
+                            sent: AggregatedRecord = pending_records[i]  # type: ignore[assignment]
+                            landed = result.get("ShardId")
+                            if landed and landed != sent.shard_id:
+                                misrouted.append((sent, str(landed)))
+                    else:
+                        failure[code] += 1
+                fatal = KMS_KEY_ERROR_CODES.intersection(failure)
+                if fatal:
+                    code = min(fatal)
+                    message = next(
+                        (r.get("ErrorMessage", "") for r in results if r.get("ErrorCode") == code), ""
+                    )
+                    done = progress.acknowledged + self._weight(pending_records, acked, aggregated)
+                    raise SinkError(self._kms_message(code, message) + self._progress(done, progress.total))
+
+        progress.acknowledged += self._weight(pending_records, acked, aggregated)
+        if not failure:
+            progress.failing_rounds = 0
+            progress.last_progress = self._clock()
+        else:
+            progress.retried += sum(failure.values())
+            progress.throttled += sum(n for c, n in failure.items() if c in THROTTLING_CODES)
+            self._back_off(progress, failure, made_progress=bool(acked))
+        return acked
 
     @staticmethod
     def _weight(pending_records: list[Record], acked: list[int], aggregated: bool) -> int:

@@ -71,7 +71,10 @@ def patch() -> None:
 
 
 if __name__ == "__main__":
+    from pg2kinesis_dagster.devstack.moto_server import serialise_writes
+
     patch()
+    serialise_writes()  # as every devstack moto server: concurrent PutRecords cannot overwrite each other
     from moto.server import main
 
     main(sys.argv[1:])

@@ -20,9 +20,18 @@ publish wrong data.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
+from pg2kinesis_dagster.core.changes import (
+    Change,
+    Column,
+    Image,
+    Operation,
+    SlotRow,
+    Transaction,
+    lazy_change,
+    new_column,
+)
 from pg2kinesis_dagster.core.errors import DecodeError
 
 # quote_identifier(): bare when it is [a-z_][a-z0-9_]* (and not a keyword),
@@ -115,9 +124,13 @@ class TestDecodingDecoder:
         "skip-empty-xacts", "0",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, lazy_images: bool = False) -> None:
+        """``lazy_images``: validate every row image as it is read, but parse it only when it is used
+        (:class:`~pg2kinesis_dagster.core.changes.LazyChange`): a key-only format then costs a fraction of
+        the work. Errors are the same, raised at the same place; the parsed images are the same."""
         self._headers: dict[str, _Header] = {}
         self._tables: dict[str, tuple[str, str]] = {}
+        self.lazy_images = lazy_images
 
     @staticmethod
     def is_commit(data: str | bytes) -> bool:
@@ -204,6 +217,9 @@ class TestDecodingDecoder:
         op = head.group(4)
         pos = head.end()
         end = len(line)
+        if self.lazy_images:
+            self._lazy_change(line, lsn, txn, out, names, op, pos, end)
+            return
         after: tuple[Column, ...] | None = None
         before: tuple[Column, ...] | None = None
         if op == "INSERT":
@@ -223,6 +239,35 @@ class TestDecodingDecoder:
         else:  # DELETE
             before = self._tuple_or_none(line, pos, end, lsn)
         out.append(Change(txn.xid, lsn, txn.first_index + len(out), names[0], names[1], _OPS[op], after, before))
+
+    def _lazy_change(self, line: str, lsn: int, txn: Transaction, out: list[Change], names: tuple[str, str],
+                     op: str, pos: int, end: int) -> None:
+        """:meth:`_change` with the images checked by one C-level match each, parsed later by _Pending."""
+        after: tuple[int, int] | None = None
+        before: tuple[int, int] | None = None
+        if op == "INSERT":
+            after = self._span_or_none(line, pos, end, lsn)
+        elif op == "UPDATE":
+            if line.startswith(_OLD_KEY, pos):
+                old_start = pos + len(_OLD_KEY)
+                old = _TUPLE.match(line, old_start)
+                old_end = old.end() if old is not None else old_start
+                if not line.startswith(_NEW_TUPLE, old_end):
+                    raise DecodeError("UPDATE old-key tuple not followed by new-tuple:", lsn=lsn, text=line)
+                before = (old_start, old_end)  # matched by _TUPLE: valid
+                pos = old_end + len(_NEW_TUPLE)
+            after = self._span_or_none(line, pos, end, lsn)
+        else:  # DELETE
+            before = self._span_or_none(line, pos, end, lsn)
+        out.append(lazy_change(txn.xid, lsn, txn.first_index + len(out), names[0], names[1], _OPS[op],
+                               _Pending(self, line, lsn, after, before)))
+
+    def _span_or_none(self, line: str, pos: int, end: int, lsn: int) -> tuple[int, int] | None:
+        if end - pos == len(_NO_TUPLE) and line.startswith(_NO_TUPLE, pos):
+            return None
+        if _TUPLE.fullmatch(line, pos, end) is None:
+            self._tuple(line, pos, end, lsn)  # raises the precise DecodeError
+        return (pos, end)
 
     def _truncate(self, line: str, lsn: int, txn: Transaction, out: list[Change]) -> None:
         m = _TRUNCATE.fullmatch(line)
@@ -287,3 +332,73 @@ class TestDecodingDecoder:
         }
         entry = self._headers[header] = (real_name, type_, specials)
         return entry
+
+
+class _Pending:
+    """The validated, unparsed row images of one test_decoding line (a LazyChange's ``pending``)."""
+
+    __slots__ = ("after", "before", "decoder", "line", "lsn")
+
+    def __init__(self, decoder: TestDecodingDecoder, line: str, lsn: int, after: tuple[int, int] | None,
+                 before: tuple[int, int] | None) -> None:
+        self.decoder = decoder
+        self.line = line
+        self.lsn = lsn
+        self.after = after
+        self.before = before
+
+    def images(self) -> tuple[Image | None, Image | None]:
+        tuple_ = self.decoder._tuple
+        after = None if self.after is None else tuple_(self.line, *self.after, self.lsn)
+        before = None if self.before is None else tuple_(self.line, *self.before, self.lsn)
+        return after, before
+
+    def key(self, key_columns: Sequence[str]) -> dict[str, str | None] | None:
+        """extract_pk() on the raw text: the key image's columns are scanned only up to the last key column.
+
+        Column names are unique in a table (pg_attribute's key), so the first column of a name is the one.
+        """
+        image = self.after if self.after is not None else self.before
+        if image is None:
+            return None
+        found = self._scan(image, key_columns)
+        if len(found) < len(key_columns) and self.before is not None and image is not self.before:
+            missing = [n for n in key_columns if n not in found]
+            found.update(self._scan(self.before, missing))
+        return {name: found.get(name) for name in key_columns}
+
+    def _scan(self, span: tuple[int, int], wanted: Sequence[str]) -> dict[str, str | None]:
+        """Values of the ``wanted`` columns (None for NULL or an unchanged TOAST value) in the tuple at ``span``."""
+        decoder = self.decoder
+        headers = decoder._headers
+        line = self.line
+        pos, end = span
+        left = set(wanted)
+        found: dict[str, str | None] = {}
+        match = _COLUMN_OR_JUNK.match
+        while left and pos < end:
+            m = match(line, pos, end)
+            if m is None:  # pragma: no cover - the span was validated
+                break
+            header, name, type_, quoted, word, number, bits, junk = m.groups()
+            if junk is not None:  # pragma: no cover - the span was validated
+                decoder._tuple(line, *span, self.lsn)
+            pos = m.end()
+            entry = headers.get(header)
+            if entry is None:
+                entry = decoder._header(header, name, type_)
+            column = entry[0]
+            if column not in left:
+                continue
+            left.discard(column)
+            if quoted is not None:
+                found[column] = quoted.replace("''", "'")
+            elif word is not None:
+                found[column] = entry[2][word].value
+            elif number is not None:
+                found[column] = number
+            elif bits is not None:
+                found[column] = bits[2:-1]
+            else:  # pragma: no cover - every column has one of the value groups
+                found[column] = ""
+        return found
