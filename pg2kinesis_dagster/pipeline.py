@@ -7,7 +7,9 @@ A *window* is what was committed between the slot's position and the flushed WAL
 run started, bounded by a budget (:class:`~pg2kinesis_dagster.core.window.WindowBudget`). Rows and
 records flow through the window in chunks on local disk (:mod:`pg2kinesis_dagster.spool`), so memory
 is flat in the window's size and in the size of one transaction; the steps hand each other small
-handles (slot, LSN range, counts, the spool's window id), never the data.
+handles (slot, LSN range, counts, the spool's window id), never the data. A process that runs whole
+windows (``pg2k``, the continuous job: :meth:`Replicator.run_window`) formats in a second thread while it
+publishes, handing record chunks over in memory, a bounded number ahead.
 
 Guarantees, and what makes them hold:
 
@@ -25,10 +27,14 @@ Guarantees, and what makes them hold:
 from __future__ import annotations
 
 import gc
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
+from types import TracebackType
 
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
@@ -51,6 +57,7 @@ from pg2kinesis_dagster.core.window import (
     PublishedWindow,
     PutTotals,
     RecordChunk,
+    RecordChunkInfo,
     TransactionProgress,
     WindowBudget,
     change_index,
@@ -131,6 +138,66 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+# Record chunks formatted ahead of the one being published (each at most a chunk's changes or bytes).
+FORMATTED_CHUNKS_AHEAD = 2
+
+
+def _same(chunk: RecordChunk) -> RecordChunk:
+    return chunk
+
+
+class _ChunkHandover:
+    """Runs a generator of record chunks in a thread, at most :data:`FORMATTED_CHUNKS_AHEAD` ahead of the
+    consumer; iterating yields its chunks in order and raises what the generator raised. Leaving the
+    ``with`` block stops the thread (a consumer that failed or stopped early) and waits for it."""
+
+    _DONE = object()
+
+    def __init__(self, chunks: Iterator[RecordChunk]) -> None:
+        self._chunks = chunks
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=FORMATTED_CHUNKS_AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="pg2k-format", daemon=True)
+
+    def _offer(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for chunk in self._chunks:
+                if not self._offer(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._offer(exc)
+        else:
+            self._offer(self._DONE)
+        finally:
+            self._chunks.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> _ChunkHandover:
+        self._thread.start()
+        return self
+
+    def __iter__(self) -> Iterator[RecordChunk]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -379,10 +446,21 @@ class Replicator:
         """Decode, filter, key and format the window's rows into record chunks in the spool."""
         started = time.perf_counter()
         spool = self._rows_of(window)
+        spool.drop_records()
+        stats = BatchStats()
+        infos: list[RecordChunkInfo] = []
+        for chunk in self._record_chunks(window, spool, stats):
+            spool.write_record_chunk(len(infos), chunk)
+            infos.append(chunk.info(len(infos)))
+        formatted = FormattedWindow(window=window, chunks=tuple(infos), stats=stats,
+                                    seconds=time.perf_counter() - started, chunk_count=len(infos))
+        spool.finish_records(formatted.to_dict(with_chunks=True))
+        return formatted
+
+    def _record_chunks(self, window: PeekedWindow, spool: WindowSpool, stats: BatchStats) -> Iterator[RecordChunk]:
+        """The window's records, chunk by chunk (each at most a chunk's changes or bytes), counting into ``stats``."""
         reader = spool.read_rows()
         chunk_changes, chunk_bytes = self.budget.chunk_changes, self.budget.chunk_bytes
-        stats = BatchStats()
-        infos = []
         chunk = RecordChunk()
         commits: dict[tuple[int, int], tuple[int, str | None]] = {}
 
@@ -397,7 +475,6 @@ class Replicator:
                 commits[key] = (row[0], self.decoder.commit_time(row[2]))
             part.commit(*commits[key])
 
-        spool.drop_records()
         with _gc_paused():
             try:
                 # Keys follow the schema as the stream goes (core.schema_keys): it sees each part before it is keyed.
@@ -412,18 +489,12 @@ class Replicator:
                     if not txn.partial:
                         chunk.advance_to = txn.commit_lsn
                     if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
-                        spool.write_record_chunk(len(infos), chunk)
-                        infos.append(chunk.info(len(infos)))
+                        yield chunk
                         chunk = RecordChunk()
             except DecodeError as exc:
                 raise exc.with_slot(window.slot) from None
         if chunk.records or chunk.advance_to is not None:
-            spool.write_record_chunk(len(infos), chunk)
-            infos.append(chunk.info(len(infos)))
-        formatted = FormattedWindow(window=window, chunks=tuple(infos), stats=stats,
-                                    seconds=time.perf_counter() - started, chunk_count=len(infos))
-        spool.finish_records(formatted.to_dict(with_chunks=True))
-        return formatted
+            yield chunk
 
     def _records_of(self, formatted: FormattedWindow) -> tuple[WindowSpool, FormattedWindow]:
         """The window's spool with its record chunks, rebuilt (rows read again if needed) when gone."""
@@ -440,7 +511,7 @@ class Replicator:
         on_checkpoint: Callable[[AdvanceResult], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> PublishedWindow:
-        """Send the record chunks in order, advancing the slot after each chunk that ends a transaction.
+        """Send the spool's record chunks in order, advancing the slot after each chunk that ends a transaction.
 
         Chunks (and records) whose commit the slot already passed are skipped: rerunning this step after a
         failure sends again only what was not acknowledged before. ``should_stop`` is asked after each
@@ -448,13 +519,25 @@ class Replicator:
         """
         self.prepare()
         spool, formatted = self._records_of(formatted)
+        chunks = ((info, partial(spool.read_record_chunk, info.index)) for info in formatted.chunks)
+        totals, confirmed, stopped = self._publish_chunks(formatted.window, chunks, on_checkpoint, should_stop)
+        return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed, stopped=stopped)
+
+    def _publish_chunks(
+        self,
+        window: PeekedWindow,
+        chunks: Iterable[tuple[RecordChunkInfo, Callable[[], RecordChunk]]],
+        on_checkpoint: Callable[[AdvanceResult], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[PutTotals, int | None, bool]:
+        """Publish ``chunks`` (each described, and loaded only when not skipped): (totals, slot position, stopped)."""
         confirmed = self._confirmed()
         # An open transaction's records acknowledged before a crash (a transaction larger than a chunk).
         progress = self.spool.read_progress(self.spool_key)
         if progress is not None and confirmed is not None and progress.commit_lsn <= confirmed:
             progress = None
         totals = PutTotals()
-        for info in formatted.chunks:
+        for info, load in chunks:
             if (
                 confirmed is not None
                 and (info.last_commit_lsn is None or info.last_commit_lsn <= confirmed)
@@ -462,14 +545,14 @@ class Replicator:
             ):
                 totals = replace(totals, skipped_records=totals.skipped_records + info.records)
                 continue
-            chunk = spool.read_record_chunk(info.index)
+            chunk = load()
             records = chunk.after(confirmed, progress)
             totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
             if records:
                 try:
                     report = self.sink.put(records)
                 except SinkError as exc:
-                    raise self._with_slot_position(exc, formatted, confirmed) from exc
+                    raise self._with_slot_position(exc, window, confirmed) from exc
                 totals = replace(
                     totals,
                     kinesis_records=totals.kinesis_records + report.records,
@@ -500,25 +583,53 @@ class Replicator:
             elif progress is not None:
                 progress = None
                 self.spool.write_progress(self.spool_key, None)
-                if should_stop is not None and should_stop() and confirmed != formatted.window.advance_to:
-                    return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed, stopped=True)
-        return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed)
+            if (not open_txn and should_stop is not None and confirmed != window.advance_to
+                    and should_stop()):
+                return totals, confirmed, True
+        return totals, confirmed, False
+
+    def _format_and_publish(
+        self, window: PeekedWindow, should_stop: Callable[[], bool] | None = None
+    ) -> PublishedWindow:
+        """``format`` and ``publish`` at once, for a run that does the whole window in one process (``pg2k``,
+        the continuous job): a thread formats the next chunks while this one publishes, and record chunks
+        are handed over in memory (at most :data:`FORMATTED_CHUNKS_AHEAD` waiting) instead of through the
+        spool. Same order, checkpoints and skipping as the two steps one after the other."""
+        started = time.perf_counter()
+        self.prepare()
+        spool = self._rows_of(window)
+        spool.drop_records()
+        stats = BatchStats()
+        handover = _ChunkHandover(self._record_chunks(window, spool, stats))
+        infos: list[RecordChunkInfo] = []
+
+        def chunks() -> Iterator[tuple[RecordChunkInfo, Callable[[], RecordChunk]]]:
+            for chunk in handover:
+                infos.append(chunk.info(len(infos)))
+                yield infos[-1], partial(_same, chunk)
+
+        with handover:
+            totals, confirmed, stopped = self._publish_chunks(window, chunks(), None, should_stop)
+        # A stopped window counts what was formatted up to the stop; the rest stays pending on the slot.
+        formatted = FormattedWindow(window=window, chunks=tuple(infos), stats=stats,
+                                    seconds=time.perf_counter() - started, chunk_count=len(infos))
+        return PublishedWindow(formatted=formatted, put=totals, checkpoint_lsn=confirmed, stopped=stopped)
 
     def _confirmed(self) -> int | None:
         state = self.slot.state()
         return state.confirmed_flush_lsn if state is not None else None
 
-    def _with_slot_position(self, exc: SinkError, formatted: FormattedWindow, confirmed: int | None) -> SinkError:
+    def _with_slot_position(self, exc: SinkError, window: PeekedWindow, confirmed: int | None) -> SinkError:
         """The sink's error plus where the slot stands, so the operator knows what the next run resends."""
         try:
             position = self._confirmed()
         except Exception:  # PostgreSQL unreachable as well: say where the slot stood at the last checkpoint
-            position = confirmed if confirmed is not None else formatted.window.start_lsn
+            position = confirmed if confirmed is not None else window.start_lsn
         where = format_lsn(position) if position is not None else "(unknown)"
         target = ""
-        if formatted.window.advance_to is not None:
-            target = f"; this window would have moved it to {format_lsn(formatted.window.advance_to)}"
-        message = (f"{exc} Replication slot {formatted.window.slot!r} stays at {where} (not advanced further{target}); "
+        if window.advance_to is not None:
+            target = f"; this window would have moved it to {format_lsn(window.advance_to)}"
+        message = (f"{exc} Replication slot {window.slot!r} stays at {where} (not advanced further{target}); "
                    "the next run starts from there.")
         try:
             wrapped = type(exc)(message)
@@ -539,7 +650,7 @@ class Replicator:
     # -- whole windows -------------------------------------------------------------------
     def run_window(self, upto_lsn: int | None = None, should_stop: Callable[[], bool] | None = None) -> WindowResult:
         started = time.perf_counter()
-        published = self.publish(self.format(self.peek(upto_lsn)), should_stop=should_stop)
+        published = self._format_and_publish(self.peek(upto_lsn), should_stop=should_stop)
         advanced = self.finish(published)
         return WindowResult(
             published=published,

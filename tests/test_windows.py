@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -176,3 +178,98 @@ def test_budget_limits_end_a_window_at_a_commit(
         result = r.drain()
     assert result.windows >= 2
     assert_matches_ledger(read_json(moto_server, kinesis_stream), ledger)
+
+
+def _format_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "pg2k-format"]
+
+
+def test_a_whole_window_formats_ahead_and_publishes_what_the_steps_publish(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str,
+) -> None:
+    """run_window (pg2k, the continuous job) formats in a thread while it publishes: same records, same
+    per-row order, same checkpoints as peek -> format -> publish one after the other."""
+    steps_stream = f"{kinesis_stream}_steps"
+    moto_server.create_stream(steps_stream, shards=2)
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=80) as streamed, \
+            make_replicator(pg_server, sample_db, moto_server, steps_stream, chunk_changes=80,
+                            slot_name="steps") as steps:
+        streamed.prepare()
+        steps.prepare()
+        ledger = run_sample_workload(pg_conn, transactions=150, seed=31)
+        with pg_conn.cursor() as cur:  # and one transaction spanning several chunks
+            cur.execute('INSERT INTO public."Mixed Case" SELECT i, \'big \' || i '
+                        "FROM generate_series(100001, 100500) i")
+        result = streamed.run_window()
+        stepped = steps.publish(steps.format(steps.peek()))
+        steps.finish(stepped)
+        assert not _format_threads()
+    assert result.published.formatted.chunk_count == stepped.formatted.chunk_count >= 8
+    assert result.published.put.checkpoints == stepped.put.checkpoints
+    assert result.stats.changes == stepped.formatted.stats.changes
+    assert confirmed_flush(pg_server, sample_db) == confirmed_flush(pg_server, sample_db, "steps")
+    ours, theirs = read_json(moto_server, kinesis_stream), read_json(moto_server, steps_stream)
+
+    def by_key(records: list[dict]) -> dict[str, list[tuple[str, str]]]:
+        keyed: dict[str, list[tuple[str, str]]] = {}
+        for rec in records:
+            keyed.setdefault(rec["_partition_key"], []).append((rec["id"], json.dumps(rec.get("after"))))
+        return keyed
+
+    assert by_key(ours) == by_key(theirs)
+    assert len(ours) == len({rec["id"] for rec in ours}) == sum(1 for _ in ledger.changes()) + 500
+
+
+@pytest.mark.parametrize("failing", ["format", "put"])
+def test_a_failure_while_formatting_ahead_leaves_the_slot_at_an_acknowledged_commit(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str, failing: str,
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=60) as r:
+        r.prepare()
+        before = confirmed_flush(pg_server, sample_db)
+        ledger = run_sample_workload(pg_conn, transactions=150, seed=32)
+        if failing == "put":
+            fail_on_put(r, 4)
+        else:
+            # The decoder fails on its 100th transaction: chunks formatted before it are published first.
+            real_decode = r.decoder.decode
+
+            def decode(rows, **kwargs):  # type: ignore[no-untyped-def]
+                for n, txn in enumerate(real_decode(rows, **kwargs)):
+                    if n == 100:
+                        raise PutFails("injected decoding failure")
+                    yield txn
+
+            r.decoder.decode = decode  # type: ignore[method-assign]
+        with pytest.raises(PutFails):
+            r.run_window()
+        assert not _format_threads(), "the formatting thread outlived the failure"
+        assert confirmed_flush(pg_server, sample_db) != before, "nothing was checkpointed before the failure"
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=60) as r:
+        r.drain()
+    # Had the slot passed anything unacknowledged, the rerun would not send it again: it would be lost.
+    report = check_against_ledger(read_json(moto_server, kinesis_stream), ledger)
+    assert report.ok and report.unique == report.expected, report.as_dict()
+    assert report.duplicates <= 2 * 60, report.as_dict()
+
+
+def test_a_stop_request_ends_a_whole_window_at_a_checkpoint(
+    pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str,
+) -> None:
+    with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=50) as r:
+        r.prepare()
+        ledger = run_sample_workload(pg_conn, transactions=150, seed=33)
+        asked: list[int] = []
+
+        def stop() -> bool:
+            asked.append(1)
+            return len(asked) >= 2  # after the second checkpoint
+
+        result = r.run_window(should_stop=stop)
+        assert result.published.stopped and not _format_threads()
+        assert result.published.put.checkpoints == 2
+        stood = parse_lsn(confirmed_flush(pg_server, sample_db) or "0/0")
+        assert stood == result.published.checkpoint_lsn and stood < result.window.advance_to
+        r.drain()
+    report = check_against_ledger(read_json(moto_server, kinesis_stream), ledger)
+    assert report.ok and report.duplicates == 0, report.as_dict()
