@@ -16,7 +16,7 @@ from pg2kinesis_dagster.core.changes import parse_lsn
 from pg2kinesis_dagster.devstack.daemon import DagsterDaemon, code_location_env, wait_for
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
-from tests.faults.harness import LONG
+from tests.faults.harness import LONG, report_line
 from tests.helpers import confirmed_flush, read_json
 
 SLOT = "recovery_slot"
@@ -92,8 +92,13 @@ def test_a_killed_run_worker_is_failed_and_replication_resumes(
                      180, "the backlog to drain after the kill")
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{daemon.describe()}") from exc
-    assert resumed_after <= RESUME_WITHIN_SECONDS, resumed_after
     records = read_json(moto_server, kinesis_stream)
+    report_line("daemon_recovery", {
+        "killed": "worker and code server" if kill_code_server else "worker", "rows": ROWS,
+        "published_at_kill": in_kinesis_at_kill, "next_run_after_seconds": round(resumed_after, 1),
+        "records": len(records), "duplicates": len(records) - len({r["id"] for r in records}),
+    })
+    assert resumed_after <= RESUME_WITHIN_SECONDS, resumed_after
     assert sorted({int(r["pk"]["id"]) for r in records}) == list(range(1, ROWS + 1)), "a change was lost"
     # Duplicates only from the chunk in flight at the kill (and the checkpoint that did not happen).
     assert len(records) - len({r["id"] for r in records}) <= 2 * 1000 + 1000
