@@ -262,6 +262,11 @@ class _Stop:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snapshot"]:  # pg2k snapshot --table ...: its own flags on top of these
+        from pg2kinesis_dagster.snapshot_cli import snapshot_main
+
+        return snapshot_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or not args.once else logging.WARNING,

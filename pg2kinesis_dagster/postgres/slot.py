@@ -335,6 +335,17 @@ class ReplicationSlot:
         )
         return {name for (name,) in rows}
 
+    def sessions_alive(self, sessions: list[tuple[int, int]]) -> bool:
+        """Whether any of these sessions, as (pid, backend start in microseconds since the epoch), still exists."""
+        if not sessions:
+            return False
+        rows = self._query(
+            "SELECT count(*) FROM pg_stat_activity a JOIN unnest(%s::int[], %s::bigint[]) AS s(pid, started) "
+            "ON a.pid = s.pid AND (extract(epoch FROM a.backend_start) * 1000000)::bigint = s.started",
+            ([pid for pid, _ in sessions], [started for _, started in sessions]),
+        )
+        return bool(rows[0][0])
+
     def read_rows(
         self,
         *,

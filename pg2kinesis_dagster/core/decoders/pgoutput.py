@@ -57,6 +57,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 
 from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
 from pg2kinesis_dagster.core.errors import ConfigError, DecodeError
+from pg2kinesis_dagster.core.snapshot import message_transaction, snapshot_content
 
 # (type OID, typmod) -> the type's name; typmod -1 means "without typmod" (format_type_be).
 TypeNamer = Callable[[int, int], str]
@@ -204,6 +205,8 @@ class PgOutputDecoder:
         self.slot_options: tuple[str, ...] = (
             "proto_version", "1",
             "publication_names", _publication_option(publication),
+            # Logical messages: table snapshots' watermarks (core.snapshot).
+            "messages", "true",
         )
         self._type_name = type_name
         self._typmods = typmods
@@ -286,9 +289,12 @@ class PgOutputDecoder:
                     if txn is not None:
                         txn.size += len(data)
                 elif kind in (_MSG_ORIGIN, _MSG_MESSAGE):
-                    # No row change; it still counts towards the transaction's size.
+                    # No row change; it still counts towards the transaction's size. A snapshot
+                    # watermark (non-transactional) is yielded as a message transaction (core.snapshot).
                     if txn is not None:
                         txn.size += len(data)
+                    elif kind == _MSG_MESSAGE and (content := snapshot_content(self.plugin, data)) is not None:
+                        yield message_transaction(lsn, content, len(data))
                 else:
                     raise DecodeError(f"unknown pgoutput message type {chr(kind)!r} (only protocol "
                                       "version 1 without streaming is supported)", lsn=lsn, text=data)
