@@ -23,7 +23,7 @@ import psycopg2.extensions
 import pytest
 
 from pg2kinesis_dagster.core.changes import format_lsn, parse_lsn
-from pg2kinesis_dagster.core.snapshot import SNAPSHOT_PREFIX, Session, encode_high, encode_low
+from pg2kinesis_dagster.core.snapshot import SNAPSHOT_PREFIX, Session, encode_copy_rows, encode_high, encode_low
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
@@ -196,7 +196,7 @@ def test_window_stops_before_a_live_chunk_and_skips_an_orphan(
         first = replicator.drain()
         assert first.stats.published == 1  # only what precedes the live chunk's low watermark
         assert parse_lsn(confirmed_flush(pg_server, pg_database)) <= before_low
-        rows = json.dumps([["1", "stale"], ["2", "snapshot row"], ["3", "stale"]])
+        rows = encode_copy_rows([["1", "stale"], ["2", "snapshot row"], ["3", "stale"]])
         high = _emit(snapshotter, encode_high("c1", "public", "t", ["id"], columns, rows, "2026-01-01 00:00:00+00"))
         # An orphan: a session that wrote a low watermark and ended.
         orphan = pg_server.connect(pg_database)

@@ -16,6 +16,7 @@ from pg2kinesis_dagster.core.snapshot import (
     SnapshotMerger,
     decode_header,
     decode_rows,
+    encode_copy_rows,
     encode_high,
     encode_low,
     message_transaction,
@@ -45,7 +46,7 @@ def _plugin_row(plugin: str, content: str, transactional: bool = False) -> str |
 @given(rows=st.lists(st.lists(values, min_size=2, max_size=2), max_size=5), chunk=st.text(min_size=1, max_size=20))
 def test_watermarks_survive_every_plugin_and_decoder(rows: list[list[str | None]], chunk: str) -> None:
     columns = [("id", "integer"), ("v", "text")]
-    high = encode_high(chunk, "s", "t", ["id"], columns, json.dumps(rows, ensure_ascii=False), "2026-01-01 00:00:00+00")
+    high = encode_high(chunk, "s", "t", ["id"], columns, encode_copy_rows(rows), "2026-01-01 00:00:00+00")
     low = encode_low(chunk, "s", "t", ["id"], Session(42, 1_700_000_000_000_000))
     for plugin in ("test_decoding", "wal2json", "pgoutput"):
         for content in (low, high):
@@ -110,7 +111,7 @@ def test_merge_drops_exactly_the_keys_changed_between_the_watermarks(
     low = message_transaction(next(lsn), encode_low("c", "s", "t", ["id"], Session(1, 2)), 10)
     streamed, touched, truncated = txns(between)
     high_lsn = next(lsn)
-    high = message_transaction(high_lsn, encode_high("c", "s", "t", ["id"], columns, json.dumps(rows), "now"), 10)
+    high = message_transaction(high_lsn, encode_high("c", "s", "t", ["id"], columns, encode_copy_rows(rows), "now"), 10)
     later, _, _ = txns(after)
     merger = SnapshotMerger()
     stream = [low, *streamed, high, *later]
@@ -133,7 +134,7 @@ def test_merge_drops_exactly_the_keys_changed_between_the_watermarks(
 
 def test_orphans_publish_nothing_and_never_hold_the_merge_open() -> None:
     columns = [("id", "integer")]
-    high = message_transaction(200, encode_high("gone", "s", "t", ["id"], columns, '[["1"]]', "now"), 10)
+    high = message_transaction(200, encode_high("gone", "s", "t", ["id"], columns, "1\n", "now"), 10)
     merger = SnapshotMerger()
     (out,) = merger.follow([high])
     assert out.changes == [] and not merger.open and merger.stats.orphan_high == 1
@@ -141,6 +142,6 @@ def test_orphans_publish_nothing_and_never_hold_the_merge_open() -> None:
     low = message_transaction(100, encode_low("dead", "s", "t", ["id"], Session(1, 2)), 10)
     merger = SnapshotMerger(abandoned=["dead"])
     assert list(merger.follow([low])) == [] and not merger.open
-    high = message_transaction(200, encode_high("dead", "s", "t", ["id"], columns, '[["1"]]', "now"), 10)
+    high = message_transaction(200, encode_high("dead", "s", "t", ["id"], columns, "1\n", "now"), 10)
     (out,) = merger.follow([high])
     assert out.changes == []

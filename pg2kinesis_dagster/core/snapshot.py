@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -141,12 +142,12 @@ def encode_low(chunk: str, schema: str, table: str, key: Sequence[str], session:
 
 
 def encode_high(chunk: str, schema: str, table: str, key: Sequence[str], columns: Sequence[tuple[str, str]],
-                rows_json: str, read_at: str) -> str:
-    """``rows_json``: the rows as a JSON array of arrays of text values (None for NULL), in column order."""
+                rows_text: str, read_at: str) -> str:
+    """``rows_text``: the rows in ``COPY ... TO STDOUT`` text format (what PostgreSQL's COPY wrote, as is)."""
     header = json.dumps({"v": FORMAT_VERSION, "kind": "high", "chunk": chunk, "schema": schema, "table": table,
-                         "key": list(key), "columns": [list(c) for c in columns], "read_at": read_at},
-                        ensure_ascii=False, separators=(",", ":"))
-    return header + "\n" + rows_json
+                         "key": list(key), "columns": [list(c) for c in columns], "read_at": read_at,
+                         "rows": "copy-text"}, ensure_ascii=False, separators=(",", ":"))
+    return header + "\n" + rows_text
 
 
 def decode_header(content: str) -> Watermark:
@@ -164,15 +165,48 @@ def decode_header(content: str) -> Watermark:
         raise DecodeError(f"invalid snapshot watermark ({exc})", text=content[:200]) from None
 
 
+# COPY's text format: tab-separated fields, one row a line, \N for NULL, backslash escapes for the rest.
+_COPY_ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))", re.DOTALL)
+_COPY_CHARS = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_ESCAPE_FOR_COPY = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _copy_char(m: re.Match[str]) -> str:
+    octal, hexa, char = m.groups()
+    if octal is not None:
+        return chr(int(octal, 8))
+    if hexa is not None:
+        return chr(int(hexa, 16))
+    return _COPY_CHARS.get(char, char)
+
+
+def copy_field(text: str) -> str | None:
+    """One field of COPY's text format -> the value (None for NULL)."""
+    if text == "\\N":
+        return None
+    return _COPY_ESCAPE.sub(_copy_char, text) if "\\" in text else text
+
+
+def decode_copy_rows(text: str) -> Iterator[list[str | None]]:
+    """The rows of COPY's text format, each a list of values in column order."""
+    if not text:
+        return
+    if not text.endswith("\n"):
+        raise DecodeError("snapshot rows do not end with a newline (truncated COPY output)", text=text[-200:])
+    for line in text[:-1].split("\n"):
+        yield [copy_field(f) for f in line.split("\t")]
+
+
+def encode_copy_rows(rows: Iterable[Sequence[str | None]]) -> str:
+    """Rows in COPY's text format (what ``COPY ... TO STDOUT`` prints)."""
+    return "".join("\t".join("\\N" if v is None else v.translate(_ESCAPE_FOR_COPY) for v in row) + "\n"
+                   for row in rows)
+
+
 def decode_rows(content: str) -> list[list[str | None]]:
+    """A high watermark's rows."""
     _, _, rows = content.partition("\n")
-    try:
-        parsed = json.loads(rows)
-    except ValueError as exc:
-        raise DecodeError(f"invalid snapshot rows ({exc})", text=content[:200]) from None
-    if not isinstance(parsed, list):
-        raise DecodeError("snapshot rows are not a JSON array", text=content[:200])
-    return parsed
+    return list(decode_copy_rows(rows))
 
 
 # -- the merge ----------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ For each chunk (see :mod:`pg2kinesis_dagster.core.snapshot` for why this is in o
 2. wait until every transaction that holds a write lock on the table has ended (one whose commit record
    precedes the low watermark may still be invisible to a new snapshot while it flushes or waits for a
    synchronous standby);
-3. SELECT the next ``chunk_rows`` rows after the last key, ordered by the primary key, through a
-   server-side cursor in one short transaction (values in PostgreSQL's text form, as the plugins print
-   them);
+3. read the next ``chunk_rows`` rows after the last key, ordered by the primary key, with
+   ``COPY (SELECT ...) TO STDOUT`` in one short transaction (values in their types' output functions' text,
+   what the plugins print; memory holds one chunk);
 4. write the high watermark carrying the rows, then commit a tiny transaction so that the WAL is flushed
    (logical decoding reads only flushed WAL);
 5. record the chunk's last key in a small state file: a crash resumes after the last finished chunk.
@@ -21,6 +21,7 @@ chunk, so ``restart_lsn`` is never pinned by a snapshot.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -37,7 +38,14 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from pg2kinesis_dagster.core.errors import ConfigError, SourceError
-from pg2kinesis_dagster.core.snapshot import FLUSH_PREFIX, SNAPSHOT_PREFIX, Session, encode_high, encode_low
+from pg2kinesis_dagster.core.snapshot import (
+    FLUSH_PREFIX,
+    SNAPSHOT_PREFIX,
+    Session,
+    copy_field,
+    encode_high,
+    encode_low,
+)
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.spool import default_spool_root, slot_key
 
@@ -135,10 +143,6 @@ _STILL_RUNNING_SQL = """
 SELECT x.transactionid::text, x.pid FROM pg_locks x
 WHERE x.locktype = 'transactionid' AND x.mode = 'ExclusiveLock' AND x.granted AND x.transactionid::text = ANY(%s)
 """
-
-
-def _raw_text(value: str | None, cursor: object) -> str | None:
-    return value
 
 
 class TableSnapshot:
@@ -250,18 +254,21 @@ class TableSnapshot:
         session = self._session(conn)
         snapshot_id = uuid.uuid4().hex[:12]
         query = self._chunk_query(shape)
-        self._register_raw_text(conn, shape)
         attempt_seq = 0
+        # Rows per chunk: chunk_rows, fewer where rows are large (a chunk's rows stay near chunk_bytes); the
+        # first chunk is small, to learn the rows' size.
+        limit = min(self.chunk_rows, 1000)
         try:
             while should_stop is None or not should_stop():
                 started = time.perf_counter()
                 attempt_seq += 1
                 chunk_id = f"{snapshot_id}:{progress.chunks}:{attempt_seq}"
-                rows, last_key = self._chunk(conn, shape, query, chunk_id, session, progress.last_key)
+                rows, size, last_key = self._chunk(conn, shape, query, chunk_id, session, progress.last_key, limit)
                 progress.seconds += time.perf_counter() - started
                 if rows == 0:
                     progress.done = True
                     break
+                limit = max(1, min(self.chunk_rows, int(self.chunk_bytes / (size / rows))))
                 progress.chunks += 1
                 progress.rows += rows
                 progress.last_key = last_key
@@ -292,35 +299,28 @@ class TableSnapshot:
             columns, table, key, after, key)
         return first, following
 
-    def _register_raw_text(self, conn: psycopg2.extensions.connection, shape: TableShape) -> None:
-        """Every column's value exactly as its type's output function prints it (what the plugins print)."""
-        columns = sql.SQL(", ").join(sql.Identifier(n) for n, _ in shape.columns)
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(columns, sql.Identifier(shape.schema,
-                                                                                              shape.table)))
-            oids = tuple({d.type_code for d in cur.description or ()})
-        if oids:
-            psycopg2.extensions.register_type(psycopg2.extensions.new_type(oids, "PG2K_TEXT", _raw_text), conn)
-
     def _chunk(self, conn: psycopg2.extensions.connection, shape: TableShape,
                queries: tuple[sql.Composed, sql.Composed], chunk_id: str, session: Session,
-               last_key: Sequence[str | None] | None) -> tuple[int, list[str | None] | None]:
-        """One chunk between its watermarks; (rows, the last row's key) — (0, None) at the table's end."""
+               last_key: Sequence[str | None] | None, limit: int) -> tuple[int, int, list[str | None] | None]:
+        """One chunk between its watermarks: (rows, bytes, the last row's key); (0, 0, None) at the table's end."""
         with conn.cursor() as cur:
             cur.execute("SELECT pg_logical_emit_message(false, %s, %s)",
                         (SNAPSHOT_PREFIX, encode_low(chunk_id, shape.schema, shape.table, shape.key, session)))
         try:
             self._wait_for_writers(conn, shape)
-            rows, encoded, read_at = self._select(conn, shape, queries, last_key)
+            text, read_at = self._select(conn, shape, queries, last_key, limit)
         except BaseException:
             # Close the chunk (publishing nothing of it) so that replication never waits on it; then fail.
-            self._emit_high(conn, shape, chunk_id, "[]", "")
+            self._emit_high(conn, shape, chunk_id, "", "")
             raise
-        self._emit_high(conn, shape, chunk_id, encoded, read_at)
-        if not rows:
-            return 0, None
-        positions = [[n for n, _ in shape.columns].index(k) for k in shape.key]
-        return len(rows), [rows[-1][p] for p in positions]
+        self._emit_high(conn, shape, chunk_id, text, read_at)
+        if not text:
+            return 0, 0, None
+        rows = text.count("\n")
+        last_line = text[text.rfind("\n", 0, len(text) - 1) + 1:-1]
+        fields = last_line.split("\t")
+        names = [n for n, _ in shape.columns]
+        return rows, len(text), [copy_field(fields[names.index(k)]) for k in shape.key]
 
     def _emit_high(self, conn: psycopg2.extensions.connection, shape: TableShape, chunk_id: str, rows_json: str,
                    read_at: str) -> None:
@@ -368,8 +368,9 @@ class TableSnapshot:
 
     def _select(self, conn: psycopg2.extensions.connection, shape: TableShape,
                 queries: tuple[sql.Composed, sql.Composed], last_key: Sequence[str | None] | None,
-                ) -> tuple[list[list[str | None]], str, str]:
-        """The chunk's rows in one short transaction, through a server-side cursor (bounded memory)."""
+                limit: int) -> tuple[str, str]:
+        """The chunk's rows in one short transaction, as ``COPY ... TO STDOUT`` text (each value its type's output
+        function's text, what the plugins print), and the transaction's time."""
         first, following = queries
         conn.autocommit = False
         try:
@@ -378,29 +379,11 @@ class TableSnapshot:
                 cur.execute("SET LOCAL lock_timeout = %s", (min(self.statement_timeout_ms, 10_000),))
                 cur.execute("SELECT now()::text")
                 (read_at,) = cur.fetchone()
-            with conn.cursor(name=f"pg2k_snapshot_{uuid.uuid4().hex[:8]}") as cur:
-                cur.itersize = 1000
-                if last_key is None:
-                    cur.execute(first, (self.chunk_rows,))
-                else:
-                    cur.execute(following, (*last_key, self.chunk_rows))
-                rows: list[list[str | None]] = []
-                parts: list[str] = []
-                size = 2
-                while True:
-                    batch = cur.fetchmany(1000)
-                    if not batch:
-                        break
-                    for row in batch:
-                        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-                        if rows and size + len(text) + 1 > self.chunk_bytes:
-                            break  # the chunk ends at this row's key: the next chunk starts after the last kept
-                        rows.append(list(row))
-                        parts.append(text)
-                        size += len(text) + 1
-                    else:
-                        continue
-                    break
+                query = first if last_key is None else following
+                params = (limit,) if last_key is None else (*last_key, limit)
+                copy = sql.SQL("COPY ({}) TO STDOUT").format(query).as_string(conn)
+                out = io.StringIO()
+                cur.copy_expert(cur.mogrify(copy, params).decode(psycopg2.extensions.encodings[conn.encoding]), out)
             conn.commit()
         except psycopg2.errors.InsufficientPrivilege as exc:
             conn.rollback()
@@ -413,7 +396,7 @@ class TableSnapshot:
         finally:
             if not conn.closed:
                 conn.autocommit = True
-        return rows, "[" + ",".join(parts) + "]", read_at
+        return out.getvalue(), read_at
 
 
 def sql_name(schema: str, table: str) -> str:
