@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             "left empty fall back to libpq's PG* variables (the password: PGPASSWORD or ~/.pgpass), "
             "AWS settings to the standard credential chain."
         ),
+        epilog="pg2k snapshot --table schema.table ...: queue the rows of existing tables into the slot, in order "
+        "with the stream (pg2k snapshot --help).",
         formatter_class=_HelpFormatter,
     )
     pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")

@@ -31,6 +31,7 @@ def build_snapshot_parser() -> argparse.ArgumentParser:
 
     parser = build_parser()
     parser.prog = "pg2k snapshot"
+    parser.epilog = None
     parser.description = (
         "Snapshot tables into the replication slot: the rows that existed before the slot, in order with "
         "the stream. Each table is read in chunks by primary key, each chunk between two watermarks written "

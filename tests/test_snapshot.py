@@ -239,3 +239,27 @@ def test_snapshot_needs_select_on_the_table(
         cur.execute("GRANT SELECT ON public.secret TO snap_reader")
         cur.execute("INSERT INTO public.secret SELECT generate_series(1, 10)")
     assert TableSnapshot(settings, "public.secret", chunk_rows=3).run().rows == 10
+
+
+def test_pg2k_snapshot_publish_and_clear_errors(
+    pg_server: PostgresServer, pg_database: str, pg_conn: psycopg2.extensions.connection,
+    moto_server: MotoServer, kinesis_stream: str, tmp_path: Path,
+) -> None:
+    """``pg2k snapshot --publish`` exits once the rows are in Kinesis; bad tables fail with exit 1 and the fix."""
+    create_tables(pg_conn, 120)
+    base = _pg2k(pg_server, pg_database, moto_server, kinesis_stream, "test_decoding", "snapshot",
+                 "--snapshot-state-dir", str(tmp_path), "--create-slot")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    missing = subprocess.run([*base, "--table", "public.nope"], capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and "table public.nope does not exist" in missing.stderr
+    with make_replicator(pg_server, pg_database, moto_server, kinesis_stream) as replicator:
+        replicator.prepare()
+    done = subprocess.run([*base, "--table", "items", "--table", "public.pairs", "--publish",
+                           "--snapshot-chunk-rows", "50"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert [(t["table"], t["rows"], t["chunks"]) for t in summary["tables"]] == [
+        ("public.items", 120, 3), ("public.pairs", 120, 3)]
+    assert summary["published"]["records"] == 240
+    applied = apply_by_key(read_changes(moto_server, kinesis_stream))
+    assert applied.snapshot_rows == 240 and applied.state == expected_state(pg_conn)

@@ -212,7 +212,10 @@ class TableSnapshot:
             if found is None:
                 raise SnapshotError(f"table {name} does not exist (give --table as schema.table)")
             oid, schema, table, kind, can_select, role = found
-            if kind not in ("r", "p"):
+            if kind == "p":
+                # Its changes stream under the partitions' names: the merge by table would miss them.
+                raise SnapshotError(f"{name} is a partitioned table: snapshot its partitions (--table each leaf)")
+            if kind != "r":
                 raise SnapshotError(f"{name} is not a table (relkind {kind!r}): only tables can be snapshotted")
             if not can_select:
                 raise SnapshotError(

@@ -8,8 +8,8 @@ PostgreSQL's "Logical Replication Message Formats" (PostgreSQL 15):
   end LSN, commit timestamp);
 * ``R`` Relation (relid, namespace, name, replica identity, columns with key flag,
   type OID and typmod) before the first change of a table in each decoding session,
-  ``Y`` Type for non-built-in types, ``O`` Origin, ``M`` Message (only with the
-  ``messages`` option; ignored);
+  ``Y`` Type for non-built-in types, ``O`` Origin, ``M`` Message (read with the
+  ``messages`` option: table snapshots' watermarks are yielded, see core.snapshot; others ignored);
 * ``I`` Insert (``N`` tuple), ``U`` Update (optional ``K`` old key or ``O`` old row, then
   ``N``), ``D`` Delete (``K`` or ``O``), ``T`` Truncate (relids and CASCADE/RESTART
   IDENTITY flags);
