@@ -386,7 +386,7 @@ class Replicator:
         is_commit = self.decoder.is_commit
         plugin = self.settings.output_plugin
         open_chunks = scan.open
-        rows = data_bytes = 0
+        rows = data_bytes = transactions = 0
         deadline = time.monotonic() + (budget.max_seconds if budget else float("inf"))
         reader = self.slot.read_rows(
             options=self.decoder.slot_options,
@@ -401,7 +401,7 @@ class Replicator:
                 data = row[2]
                 data_bytes += len(data)
                 if is_commit(data):
-                    scan.transactions += 1
+                    transactions += 1
                 elif (content := snapshot_content(plugin, data)) is not None:
                     mark = decode_header(content)
                     if mark.kind == "low":
@@ -414,7 +414,7 @@ class Replicator:
                 if open_chunks:
                     continue  # inside a snapshot chunk: no place to end the window or advance to
                 scan.last_commit = row[0]
-                scan.committed_rows, scan.committed_bytes = rows, data_bytes
+                scan.committed_rows, scan.committed_bytes, scan.transactions = rows, data_bytes, transactions
                 if budget is not None and (
                     rows >= budget.max_changes
                     or data_bytes >= budget.max_bytes

@@ -263,3 +263,44 @@ def test_pg2k_snapshot_publish_and_clear_errors(
     assert summary["published"]["records"] == 240
     applied = apply_by_key(read_changes(moto_server, kinesis_stream))
     assert applied.snapshot_rows == 240 and applied.state == expected_state(pg_conn)
+
+
+def test_a_chunk_steps_aside_for_an_open_writer_and_replication_goes_on(
+    pg_server: PostgresServer, pg_database: str, pg_conn: psycopg2.extensions.connection,
+    moto_server: MotoServer, kinesis_stream: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transaction that wrote the table and stays open: the chunk closes empty instead of holding replication,
+    waits for it, then runs; its change is not overwritten. Past writer_wait_seconds the snapshot fails naming it."""
+    create_tables(pg_conn, 100)
+    writer = pg_server.connect(pg_database)
+    writer.autocommit = False
+    settings = pg_settings(pg_server, pg_database)
+    with make_replicator(pg_server, pg_database, moto_server, kinesis_stream) as replicator:
+        replicator.prepare()
+        with writer.cursor() as cur:
+            cur.execute("UPDATE public.items SET note = 'held' WHERE id = 5")
+            cur.execute("SELECT pg_backend_pid()")
+            (writer_pid,) = cur.fetchone()
+        with pytest.raises(SnapshotError, match=rf"did not end within 1s \(pid/xid: {writer_pid}/"):
+            TableSnapshot(settings, "public.items", writer_wait_seconds=1).run()
+        caplog.set_level("INFO", logger="pg2kinesis_dagster.postgres.snapshot")
+        result: list[object] = []
+        thread = threading.Thread(target=lambda: result.append(TableSnapshot(settings, "public.items").run()))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not any("waits for transactions writing" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline and thread.is_alive(), "the chunk did not step aside"
+            time.sleep(0.01)
+        with pg_conn.cursor() as cur:
+            cur.execute("INSERT INTO public.items (id, v) VALUES (1000, 1)")
+        assert replicator.drain().stats.by_table_op["public.items INSERT"] == 1  # not held by the snapshot
+        writer.commit()
+        thread.join(120)
+        assert result and result[0].done  # type: ignore[attr-defined]
+        replicator.drain()
+    writer.close()
+    applied = apply_by_key(read_changes(moto_server, kinesis_stream))
+    assert applied.stale == []
+    items = {k: v for k, v in applied.state.items() if k[0] == "public.items"}
+    assert items == {k: v for k, v in expected_state(pg_conn).items() if k[0] == "public.items"}
+    assert items[("public.items", ("5",))]["note"] == "held"

@@ -55,6 +55,8 @@ DEFAULT_CHUNK_ROWS = 5_000
 # A chunk's rows travel in one WAL message and one decoded row of the spool: bounded in bytes too.
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_WRITER_WAIT_SECONDS = 300.0
+# How long an open chunk waits for the table's writers before it steps aside (replication waits meanwhile).
+HOLD_SECONDS = 2.0
 
 
 class SnapshotError(SourceError):
@@ -305,18 +307,41 @@ class TableSnapshot:
     def _chunk(self, conn: psycopg2.extensions.connection, shape: TableShape,
                queries: tuple[sql.Composed, sql.Composed], chunk_id: str, session: Session,
                last_key: Sequence[str | None] | None, limit: int) -> tuple[int, int, list[str | None] | None]:
-        """One chunk between its watermarks: (rows, bytes, the last row's key); (0, 0, None) at the table's end."""
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_logical_emit_message(false, %s, %s)",
-                        (SNAPSHOT_PREFIX, encode_low(chunk_id, shape.schema, shape.table, shape.key, session)))
-        try:
-            self._wait_for_writers(conn, shape)
-            text, read_at = self._select(conn, shape, queries, last_key, limit)
-        except BaseException:
-            # Close the chunk (publishing nothing of it) so that replication never waits on it; then fail.
-            self._emit_high(conn, shape, chunk_id, "", "")
-            raise
-        self._emit_high(conn, shape, chunk_id, text, read_at)
+        """One chunk between its watermarks: (rows, bytes, the last row's key); (0, 0, None) at the table's end.
+
+        Replication holds its window before an open chunk's low watermark, so the chunk does not wait long for
+        the table's writers while open: when they have not ended within ``HOLD_SECONDS`` it closes the chunk
+        empty, waits for them without holding replication, and tries again.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            mark = f"{chunk_id}.{attempt}"
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_logical_emit_message(false, %s, %s)",
+                            (SNAPSHOT_PREFIX, encode_low(mark, shape.schema, shape.table, shape.key, session)))
+            try:
+                writers = self._writers(conn, shape)
+                running = self._wait_for(conn, shape, writers, HOLD_SECONDS)
+                if not running:
+                    text, read_at = self._select(conn, shape, queries, last_key, limit)
+            except BaseException:
+                # Close the chunk (publishing nothing of it) so that replication never waits on it; then fail.
+                self._emit_high(conn, shape, mark, "", "")
+                raise
+            if not running:
+                break
+            self._emit_high(conn, shape, mark, "", "")  # nothing of it is published; replication moves on
+            log.info("snapshot of %s waits for transactions writing the table (pid/xid %s)", shape.qualified,
+                     ", ".join(f"{pid}/{xid}" for xid, pid in running))
+            still = self._wait_for(conn, shape, [xid for xid, _ in running], self.writer_wait_seconds)
+            if still:
+                raise SnapshotError(
+                    f"snapshot of {shape.qualified}: transactions that write the table did not end within "
+                    f"{self.writer_wait_seconds:.0f}s (pid/xid: {', '.join(f'{pid}/{xid}' for xid, pid in still)}); "
+                    "each chunk waits for the transactions writing the table when it starts: commit or roll "
+                    "them back (or pg_terminate_backend), then rerun to resume")
+        self._emit_high(conn, shape, mark, text, read_at)
         if not text:
             return 0, 0, None
         rows = text.count("\n")
@@ -341,31 +366,28 @@ class TableSnapshot:
             cur.execute("SELECT pg_logical_emit_message(true, %s, '')", (FLUSH_PREFIX,))
             cur.execute("COMMIT")
 
-    def _wait_for_writers(self, conn: psycopg2.extensions.connection, shape: TableShape) -> None:
+    def _writers(self, conn: psycopg2.extensions.connection, shape: TableShape) -> list[str]:
+        """The transactions (xids) that hold a write lock on the table now."""
         with conn.cursor() as cur:
             cur.execute(_WRITERS_SQL, (shape.oid,))
-            writers = [xid for xid, _ in cur.fetchall()]
-            if not writers:
-                return
-            deadline = time.monotonic() + self.writer_wait_seconds
-            delay = 0.001
-            warned = False
+            return [xid for xid, _ in cur.fetchall()]
+
+    def _wait_for(self, conn: psycopg2.extensions.connection, shape: TableShape, xids: list[str],
+                  seconds: float) -> list[tuple[str, int]]:
+        """Wait up to ``seconds`` for these transactions to end; the (xid, pid) of those still running.
+
+        A transaction releases its locks only after it left the process array, so once its xid lock is gone every
+        new snapshot sees it committed (or not at all)."""
+        if not xids:
+            return []
+        deadline = time.monotonic() + seconds
+        delay = 0.001
+        with conn.cursor() as cur:
             while True:
-                cur.execute(_STILL_RUNNING_SQL, (writers,))
-                running = cur.fetchall()
-                if not running:
-                    return
-                now = time.monotonic()
-                if now > deadline:
-                    raise SnapshotError(
-                        f"snapshot of {shape.qualified}: transactions that write the table did not end within "
-                        f"{self.writer_wait_seconds:.0f}s (pid/xid: "
-                        f"{', '.join(f'{pid}/{xid}' for xid, pid in running)}); each chunk waits for the table's "
-                        "writers of its start to end: commit or roll them back (pg_terminate_backend), then rerun")
-                if not warned and now > deadline - self.writer_wait_seconds + 10:
-                    warned = True
-                    log.warning("snapshot of %s waits for transactions writing the table (pid/xid %s)",
-                                shape.qualified, ", ".join(f"{pid}/{xid}" for xid, pid in running))
+                cur.execute(_STILL_RUNNING_SQL, (xids,))
+                running = [(xid, pid) for xid, pid in cur.fetchall()]
+                if not running or time.monotonic() > deadline:
+                    return running
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
