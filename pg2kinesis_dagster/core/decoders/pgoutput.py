@@ -204,9 +204,9 @@ class PgOutputDecoder:
         self.publication = publication
         self.slot_options: tuple[str, ...] = (
             "proto_version", "1",
-            "publication_names", _publication_option(publication),
             # Logical messages: table snapshots' watermarks (core.snapshot).
             "messages", "true",
+            "publication_names", _publication_option(publication),
         )
         self._type_name = type_name
         self._typmods = typmods

@@ -80,7 +80,7 @@ _OLD_KEY = " old-key:"
 _NEW_TUPLE = " new-tuple:"
 _MESSAGE = ("message: transactional: 0 prefix: ", "message: transactional: 1 prefix: ")
 
-_OPS = {op.value: op for op in Operation}
+_OPS = {op.value: op for op in Operation if op is not Operation.SNAPSHOT}  # SNAPSHOT: never printed
 _TRUNCATE_FLAGS: dict[str, tuple[str, ...]] = {
     "(no-flags)": (),
     "restart_seqs": ("restart_seqs",),
