@@ -10,6 +10,7 @@ middle followed by a resume. ``PG2K_SNAPSHOT_ROWS`` sets the table size (default
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2.extensions
@@ -41,6 +44,28 @@ from tests.snapshot_support import (
 ROWS = int(os.environ.get("PG2K_SNAPSHOT_ROWS", "2000"))
 CHUNK_ROWS = max(50, ROWS // 10)
 PLUGINS = ["test_decoding", "wal2json", "pgoutput"]
+
+
+@pytest.fixture(scope="module")
+def fast_moto() -> Iterator[MotoServer | None]:
+    """At the long size (make snapshot-long) a moto whose records cost O(1): stock moto numbers each record in
+    O(shard size), which makes hundreds of thousands of plain records quadratic (see devstack/moto_server)."""
+    if ROWS <= 10_000:
+        yield None
+        return
+    with MotoServer(fast=True) as server:
+        yield server
+
+
+@pytest.fixture
+def stack(fast_moto: MotoServer | None, moto_server: MotoServer, aws_fake_env: str) -> Iterator[tuple[MotoServer, str]]:
+    """The moto server and a fresh 2-shard stream for the done-when tests."""
+    moto = fast_moto or moto_server
+    name = f"snap-{uuid.uuid4().hex[:16]}"
+    moto.create_stream(name, shards=2)
+    yield moto, name
+    with contextlib.suppress(Exception):
+        moto.client().delete_stream(StreamName=name, EnforceConsumerDeletion=True)
 
 
 def _replicate_while(replicator: Replicator, done: threading.Event, errors: list[BaseException]) -> threading.Thread:
@@ -75,8 +100,9 @@ def _check(conn: psycopg2.extensions.connection, moto: MotoServer, stream: str, 
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_snapshot_with_concurrent_workload_matches_the_tables(
     plugin: str, aggregate: bool, pg_server: PostgresServer, pg_database: str,
-    pg_conn: psycopg2.extensions.connection, moto_server: MotoServer, kinesis_stream: str,
+    pg_conn: psycopg2.extensions.connection, stack: tuple[MotoServer, str],
 ) -> None:
+    moto_server, kinesis_stream = stack
     create_tables(pg_conn, ROWS)
     with pg_conn.cursor() as cur:
         cur.execute("ALTER TABLE public.pairs REPLICA IDENTITY DEFAULT")
@@ -114,8 +140,9 @@ def _pg2k(server: PostgresServer, database: str, moto: MotoServer, stream: str, 
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_snapshot_killed_midway_resumes_and_still_matches(
     plugin: str, pg_server: PostgresServer, pg_database: str, pg_conn: psycopg2.extensions.connection,
-    moto_server: MotoServer, kinesis_stream: str, tmp_path: Path,
+    stack: tuple[MotoServer, str], tmp_path: Path,
 ) -> None:
+    moto_server, kinesis_stream = stack
     create_tables(pg_conn, ROWS)
     state_dir = tmp_path / "state"
     with make_replicator(pg_server, pg_database, moto_server, kinesis_stream, output_plugin=plugin,
