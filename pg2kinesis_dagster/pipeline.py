@@ -350,14 +350,16 @@ class Replicator:
             if nchanges is not None and scan.rows_read >= nchanges:
                 nchanges *= 4  # PostgreSQL stopped at upto_nchanges inside a chunk: read on to its end
                 continue
-            if self.slot.sessions_alive(list(scan.open.values())):
+            live = self.slot.live_sessions(list(set(scan.open.values())))
+            dead = sorted(chunk for chunk, session in scan.open.items() if session not in live)
+            if not dead:
                 break  # a snapshot chunk in the making: the window ends before its low watermark
             flushed = self.slot.current_wal_lsn()
             if not extended and flushed > upto_lsn:
-                # Its snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
+                # Their snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
                 extended, upto_lsn = True, flushed
                 continue
-            abandoned = (*abandoned, *sorted(scan.open))
+            abandoned = (*abandoned, *dead)
         window = PeekedWindow(
             slot=self.slot.name,
             window_id=spool.window_id,

@@ -231,15 +231,22 @@ def test_window_stops_before_a_live_chunk_and_skips_an_orphan(
         orphan.close()
         with pg_conn.cursor() as cur:
             cur.execute("INSERT INTO public.t VALUES (4, 'after the orphan')")
+        # Then another chunk in the making: the orphan before it does not hold the window, the live chunk does.
+        before_live = replicator.slot.current_wal_lsn()
+        _emit(snapshotter, encode_low("c3", "public", "t", ["id"], _session(snapshotter)))
+        with pg_conn.cursor() as cur:
+            cur.execute("INSERT INTO public.t VALUES (5, 'after the live chunk')")
         second = replicator.drain()
+        assert second.stats.by_table_op == {"public.t UPDATE": 1, "public.t INSERT": 2, "public.t SNAPSHOT": 1}
+        assert high < parse_lsn(confirmed_flush(pg_server, pg_database)) <= before_live
+        _emit(snapshotter, encode_high("c3", "public", "t", ["id"], columns, "", "2026-01-01 00:00:00+00"))
         snapshotter.close()
-        assert second.windows >= 1
-        assert parse_lsn(confirmed_flush(pg_server, pg_database)) > high
+        assert replicator.drain().stats.by_table_op == {"public.t INSERT": 1}
     records = read_changes(moto_server, kinesis_stream)
     got = sorted((r["op"], r["after"]["id"], r["after"]["v"]) for r in records)
     assert got == sorted([
         ("INSERT", "1", "streamed before"), ("UPDATE", "1", "changed between"), ("INSERT", "3", "inserted between"),
-        ("SNAPSHOT", "2", "snapshot row"), ("INSERT", "4", "after the orphan"),
+        ("SNAPSHOT", "2", "snapshot row"), ("INSERT", "4", "after the orphan"), ("INSERT", "5", "after the live chunk"),
     ])
     snapshot_record = next(r for r in records if r["op"] == "SNAPSHOT")
     assert snapshot_record["id"] == f"{format_lsn(high)}:1"
