@@ -13,8 +13,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pg2kinesis_dagster.core.errors import Pg2KinesisError
+from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings, mask_passwords
 from pg2kinesis_dagster.postgres.snapshot import (
     DEFAULT_CHUNK_BYTES,
@@ -68,6 +70,9 @@ def snapshot_main(argv: Sequence[str]) -> int:
         state_dir = args.snapshot_state_dir
         if state_dir is None and replication.spool_dir:
             state_dir = f"{replication.spool_dir}/.snapshots"
+        if replication.create_slot or replication.recreate_slot:
+            with _replicator(args, pg, replication) as replicator:
+                replicator.prepare()  # the slot (and pgoutput's publication) before any chunk
         results: list[dict[str, object]] = []
         for table in args.table:
             snapshot = TableSnapshot(pg, table, slot_name=replication.slot_name,
@@ -79,14 +84,7 @@ def snapshot_main(argv: Sequence[str]) -> int:
             results.append(progress.summary())
         summary: dict[str, object] = {"tables": results}
         if args.publish:
-            from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
-            from pg2kinesis_dagster.pipeline import Replicator
-
-            client = make_kinesis_client(region_name=args.aws_region, endpoint_url=args.endpoint_url,
-                                         profile_name=args.aws_profile)
-            sink = KinesisSink(client, args.stream_name, max_retry_seconds=args.max_retry_seconds,
-                               aggregate=args.aggregate)
-            with Replicator(pg, sink, replication) as replicator:
+            with _replicator(args, pg, replace(replication, create_slot=False, recreate_slot=False)) as replicator:
                 drained = replicator.drain()
             summary["published"] = {"windows": drained.windows, "changes": drained.stats.changes,
                                     "records": drained.stats.published}
@@ -96,6 +94,15 @@ def snapshot_main(argv: Sequence[str]) -> int:
         text = pg.mask(str(exc)) if pg is not None else mask_passwords(str(exc))
         print(f"pg2k snapshot: error: {text}", file=sys.stderr)
         return 1
+
+
+def _replicator(args: argparse.Namespace, pg: PostgresSettings, replication: ReplicationSettings) -> Replicator:
+    from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
+
+    client = make_kinesis_client(region_name=args.aws_region, endpoint_url=args.endpoint_url,
+                                 profile_name=args.aws_profile)
+    sink = KinesisSink(client, args.stream_name, max_retry_seconds=args.max_retry_seconds, aggregate=args.aggregate)
+    return Replicator(pg, sink, replication)
 
 
 def _log_chunk(progress: SnapshotProgress) -> None:

@@ -263,6 +263,10 @@ def test_snapshot_needs_select_on_the_table(
         cur.execute("CREATE ROLE snap_reader LOGIN PASSWORD 'pw'")
         cur.execute("GRANT SELECT ON public.keyless TO snap_reader")
     settings = pg_settings(pg_server, pg_database, user="snap_reader", password="pw")
+    with pytest.raises(SnapshotError, match="replication slot 'pg2kinesis' does not exist in this database"):
+        TableSnapshot(settings, "keyless").run()
+    with pg_conn.cursor() as cur:
+        cur.execute("SELECT pg_create_logical_replication_slot('pg2kinesis', 'test_decoding')")
     with pytest.raises(SnapshotError, match=r"GRANT SELECT ON public\.secret TO snap_reader"):
         TableSnapshot(settings, "public.secret").run()
     with pytest.raises(SnapshotError, match="no primary key"):

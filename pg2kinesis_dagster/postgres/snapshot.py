@@ -166,6 +166,7 @@ class TableSnapshot:
             raise ConfigError(f"snapshot chunk size must be at least 1 row, got {chunk_rows}")
         self.pg = pg
         self.schema, self.table = parse_table_name(table) if isinstance(table, str) else table
+        self.slot_name = slot_name
         self.chunk_rows = chunk_rows
         self.chunk_bytes = chunk_bytes
         self.writer_wait_seconds = writer_wait_seconds
@@ -207,6 +208,7 @@ class TableSnapshot:
 
     def shape(self) -> TableShape:
         """The table's columns and key; a clear error when it cannot be snapshotted."""
+        self._check_slot()
         with self._connect().cursor() as cur:
             cur.execute(_TABLE_SQL, (self.schema, self.table))
             found = cur.fetchone()
@@ -235,6 +237,17 @@ class TableSnapshot:
         types = {n: sql_type for n, _, sql_type in columns}
         return TableShape(oid=oid, schema=schema, table=table, columns=tuple((n, t) for n, t, _ in columns),
                           key=key, key_sql_types=tuple(types[k] for k in key))
+
+    def _check_slot(self) -> None:
+        """The rows are queued in the slot's WAL: without the slot nothing would ever read them."""
+        with self._connect().cursor() as cur:
+            cur.execute("SELECT slot_type::text, database::text = current_database() FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (self.slot_name,))
+            found = cur.fetchone()
+        if found is None or found != ("logical", True):
+            raise SnapshotError(
+                f"replication slot {self.slot_name!r} does not exist in this database: the snapshot is queued in "
+                "the slot, so create it first (pg2k --create-slot, or add --create-slot here) and snapshot then")
 
     # -- the snapshot ----------------------------------------------------------------------------------
     def run(self, on_chunk: Callable[[SnapshotProgress], None] | None = None,
