@@ -73,6 +73,8 @@ class Workload:
     dbname: str
     rows: int
     seed: int = 1
+    # Pause between transactions: keeps the volume the test publishes (into moto, slow) proportionate.
+    pace_seconds: float = 0.002
     transactions: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -114,6 +116,7 @@ class Workload:
                         self._statement(cur, rng)
                     conn.commit()
                     self.transactions += 1
+                    self.stop.wait(self.pace_seconds)
         except BaseException as exc:  # reported by finish()
             self.error = exc
         finally:
