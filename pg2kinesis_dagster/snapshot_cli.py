@@ -77,7 +77,7 @@ def snapshot_main(argv: Sequence[str]) -> int:
         for table in args.table:
             snapshot = TableSnapshot(pg, table, slot_name=replication.slot_name,
                                      chunk_rows=args.snapshot_chunk_rows, chunk_bytes=args.snapshot_chunk_bytes,
-                                     state_dir=state_dir)
+                                     state_dir=state_dir, publication=replication.publication)
             if args.restart:
                 snapshot.reset()
             progress = snapshot.run(on_chunk=_log_chunk if args.verbose else None)

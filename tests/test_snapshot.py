@@ -342,3 +342,17 @@ def test_a_chunk_steps_aside_for_an_open_writer_and_replication_goes_on(
     items = {k: v for k, v in applied.state.items() if k[0] == "public.items"}
     assert items == {k: v for k, v in expected_state(pg_conn).items() if k[0] == "public.items"}
     assert items[("public.items", ("5",))]["note"] == "held"
+
+
+def test_pgoutput_snapshot_needs_the_table_in_the_publication(
+    pg_server: PostgresServer, pg_database: str, pg_conn: psycopg2.extensions.connection,
+) -> None:
+    with pg_conn.cursor() as cur:
+        cur.execute("CREATE TABLE public.outside (id int PRIMARY KEY)")
+        cur.execute("CREATE TABLE public.inside (id int PRIMARY KEY)")
+        cur.execute("CREATE PUBLICATION only_inside FOR TABLE public.inside")
+        cur.execute("SELECT pg_create_logical_replication_slot('pg2kinesis', 'pgoutput')")
+    settings = pg_settings(pg_server, pg_database)
+    with pytest.raises(SnapshotError, match=r"ALTER PUBLICATION only_inside ADD TABLE public\.outside"):
+        TableSnapshot(settings, "public.outside", publication="only_inside").run()
+    assert TableSnapshot(settings, "public.inside", publication="only_inside").run().done

@@ -69,6 +69,7 @@ def build_snapshot_definitions(
         snapshot = TableSnapshot(
             replication.postgres_settings(), table, slot_name=replication.slot_name, chunk_rows=chunk_rows,
             state_dir=f"{replication.spool_dir}/.snapshots" if replication.spool_dir else None,
+            publication=replication.publication,
         )
         progress = snapshot.run(on_chunk=on_chunk)
         return MaterializeResult(metadata={

@@ -161,12 +161,15 @@ class TableSnapshot:
         state_dir: str | os.PathLike[str] | None = None,
         writer_wait_seconds: float = DEFAULT_WRITER_WAIT_SECONDS,
         statement_timeout_ms: int = 60_000,
+        publication: str = "pg2kinesis",
     ) -> None:
         if chunk_rows < 1:
             raise ConfigError(f"snapshot chunk size must be at least 1 row, got {chunk_rows}")
         self.pg = pg
         self.schema, self.table = parse_table_name(table) if isinstance(table, str) else table
         self.slot_name = slot_name
+        self.publication = publication  # pgoutput slots only
+        self._plugin: str | None = None
         self.chunk_rows = chunk_rows
         self.chunk_bytes = chunk_bytes
         self.writer_wait_seconds = writer_wait_seconds
@@ -225,6 +228,7 @@ class TableSnapshot:
                 raise SnapshotError(
                     f"role {role} cannot read {name}: the snapshot needs SELECT on the table (the replication "
                     f"role does not): GRANT SELECT ON {sql_name(schema, table)} TO {role};")
+            self._check_published(cur, schema, table)
             cur.execute(_COLUMNS_SQL, (oid,))
             columns = cur.fetchall()
             cur.execute(_KEY_SQL, (oid,))
@@ -241,13 +245,26 @@ class TableSnapshot:
     def _check_slot(self) -> None:
         """The rows are queued in the slot's WAL: without the slot nothing would ever read them."""
         with self._connect().cursor() as cur:
-            cur.execute("SELECT slot_type::text, database::text = current_database() FROM pg_replication_slots "
-                        "WHERE slot_name = %s", (self.slot_name,))
+            cur.execute("SELECT slot_type::text, database::text = current_database(), plugin::text "
+                        "FROM pg_replication_slots WHERE slot_name = %s", (self.slot_name,))
             found = cur.fetchone()
-        if found is None or found != ("logical", True):
+            if found is None or found[:2] != ("logical", True):
+                raise SnapshotError(
+                    f"replication slot {self.slot_name!r} does not exist in this database: the snapshot is queued "
+                    "in the slot, so create it first (pg2k --create-slot, or add --create-slot here) and snapshot then")
+            self._plugin = found[2]
+
+    def _check_published(self, cur: psycopg2.extensions.cursor, schema: str, table: str) -> None:
+        """pgoutput streams only the publication's tables: a snapshot of another table could not be merged."""
+        if self._plugin != "pgoutput":
+            return
+        cur.execute("SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+                    (self.publication, schema, table))
+        if cur.fetchone() is None:
             raise SnapshotError(
-                f"replication slot {self.slot_name!r} does not exist in this database: the snapshot is queued in "
-                "the slot, so create it first (pg2k --create-slot, or add --create-slot here) and snapshot then")
+                f"table {schema}.{table} is not in publication {self.publication!r}: pgoutput does not stream its "
+                f"changes, so its snapshot could not be ordered with them; ALTER PUBLICATION "
+                f"{self.publication} ADD TABLE {sql_name(schema, table)}; (or give the publication with --publication)")
 
     # -- the snapshot ----------------------------------------------------------------------------------
     def run(self, on_chunk: Callable[[SnapshotProgress], None] | None = None,
