@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dev test lint bench bench-dagster fuzz faults install system-deps clean
+.PHONY: demo dev test lint bench bench-dagster bench-snapshot snapshot-long fuzz faults install system-deps clean
 
 # Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
 $(STAMP): pyproject.toml
@@ -40,6 +40,15 @@ bench: $(STAMP)
 # The Dagster path under a real dagster-daemon next to pg2k (about 15 minutes); BENCH_ARGS picks scenarios.
 bench-dagster: $(STAMP)
 	$(PY) benchmarks/bench_dagster.py $(BENCH_ARGS)
+
+# The snapshot rate side by side with COPY ... TO STDOUT of the same table (README: "Snapshots and backfills").
+bench-snapshot: $(STAMP)
+	$(PY) benchmarks/bench_snapshot.py --rows 100000 --repeat 3
+
+# The snapshot done-when tests at 100,000 rows per table (the default suite runs 2,000).
+snapshot-long: $(STAMP)
+	PG2K_SNAPSHOT_ROWS=100000 $(PY) -m pytest tests/test_snapshot.py -q -p no:randomly -k "concurrent or killed" \
+		--timeout=3600 --durations=0
 
 faults: $(STAMP)
 	PG2K_FAULTS_PROFILE=long $(PY) -m pytest tests/faults -q -s -p no:warnings --timeout=3600

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             "left empty fall back to libpq's PG* variables (the password: PGPASSWORD or ~/.pgpass), "
             "AWS settings to the standard credential chain."
         ),
+        epilog="pg2k snapshot --table schema.table ...: queue the rows of existing tables into the slot, in order "
+        "with the stream (pg2k snapshot --help).",
         formatter_class=_HelpFormatter,
     )
     pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
@@ -262,6 +264,11 @@ class _Stop:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snapshot"]:  # pg2k snapshot --table ...: its own flags on top of these
+        from pg2kinesis_dagster.snapshot_cli import snapshot_main
+
+        return snapshot_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or not args.once else logging.WARNING,

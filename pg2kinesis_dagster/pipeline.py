@@ -46,6 +46,7 @@ from pg2kinesis_dagster.core.keys import PartitionBy
 from pg2kinesis_dagster.core.oversize import OversizedPolicy
 from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuilder
 from pg2kinesis_dagster.core.schema_keys import SchemaFollowingKeys
+from pg2kinesis_dagster.core.snapshot import SnapshotMerger, decode_header, snapshot_content
 from pg2kinesis_dagster.core.window import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_CHANGES,
@@ -68,7 +69,7 @@ from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
-from pg2kinesis_dagster.spool import Spool, WindowSpool, slot_key
+from pg2kinesis_dagster.spool import RowWriter, Spool, WindowSpool, slot_key
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -253,6 +254,31 @@ class WindowResult:
 
 
 @dataclass
+class _Scan:
+    """One pass of the slot's rows into a window's spool (see Replicator._read_window)."""
+
+    start_lsn: int
+    writer: RowWriter
+    # The last place the window may end and the slot may advance to: a commit or a high watermark with no
+    # snapshot chunk open; the rows and bytes up to it.
+    last_commit: int | None = None
+    committed_rows: int = 0
+    committed_bytes: int = 0
+    transactions: int = 0
+    limited: bool = False
+    rows_read: int = 0
+    # Snapshot chunks whose low watermark was read without their high one: chunk -> (pid, backend start).
+    open: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def advance_to(self, upto_lsn: int) -> int | None:
+        """The last boundary; when nothing was pending before ``upto_lsn``, that (an idle slot must not hold WAL);
+        rows after the last boundary belong to a transaction or chunk not read to its end: never used."""
+        if self.last_commit is not None:
+            return self.last_commit
+        return None if self.limited or self.open else upto_lsn
+
+
+@dataclass
 class DrainResult:
     windows: int = 0
     stats: BatchStats = field(default_factory=BatchStats)
@@ -371,63 +397,106 @@ class Replicator:
         self.spool.remove_others(self.spool_key, keep=spool.window_id)
         return self._read_window(spool, upto_lsn, self.budget)
 
-    def _read_window(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None) -> PeekedWindow:
-        """Stream the slot's rows into ``spool``, stopping at the first commit past the budget (if any)."""
+    def _read_window(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None,
+                     abandoned: tuple[str, ...] = ()) -> PeekedWindow:
+        """Stream the slot's rows into ``spool``, stopping at the first commit past the budget (if any).
+
+        Table snapshots (core.snapshot): the window never ends between a chunk's low and high watermarks
+        while its snapshotter lives; it is cut before the low watermark instead (the next window reads the
+        chunk whole). A low watermark whose session is gone and whose high watermark is not in the flushed
+        WAL is abandoned (listed in the window, ignored by format). Without a budget (a window read again)
+        the abandoned chunks are the ones the window was first read with.
+        """
         started = time.perf_counter()
+        nchanges = budget.max_changes if budget else None
+        extended = False
+        while True:
+            scan = self._scan(spool, upto_lsn, budget, nchanges, set(abandoned))
+            if not scan.open or budget is None:
+                break
+            if nchanges is not None and scan.rows_read >= nchanges:
+                nchanges *= 4  # PostgreSQL stopped at upto_nchanges inside a chunk: read on to its end
+                continue
+            live = self.slot.live_sessions(list(set(scan.open.values())))
+            dead = sorted(chunk for chunk, session in scan.open.items() if session not in live)
+            if not dead:
+                break  # a snapshot chunk in the making: the window ends before its low watermark
+            flushed = self.slot.current_wal_lsn()
+            if not extended and flushed > upto_lsn:
+                # Their snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
+                extended, upto_lsn = True, flushed
+                continue
+            abandoned = (*abandoned, *dead)
+        window = PeekedWindow(
+            slot=self.slot.name,
+            window_id=spool.window_id,
+            start_lsn=scan.start_lsn,
+            upto_lsn=upto_lsn,
+            last_commit_lsn=scan.last_commit,
+            advance_to=scan.advance_to(upto_lsn),
+            limited=scan.limited,
+            transactions=scan.transactions,
+            rows=scan.committed_rows,
+            plugin_bytes=scan.committed_bytes,
+            row_chunks=0,
+            seconds=time.perf_counter() - started,
+            abandoned_chunks=tuple(abandoned),
+        )
+        scan.writer.finish(window.to_dict())
+        return replace(window, row_chunks=scan.writer.chunks)
+
+    def _scan(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None, nchanges: int | None,
+              abandoned: set[str]) -> _Scan:
         state = self.slot.state()
-        start_lsn = (state.confirmed_flush_lsn if state is not None else None) or 0
         chunk_rows = budget.chunk_changes if budget else self.budget.chunk_changes
-        writer = spool.start_rows(chunk_rows, self.budget.chunk_bytes)
+        scan = _Scan(start_lsn=(state.confirmed_flush_lsn if state is not None else None) or 0,
+                     writer=spool.start_rows(chunk_rows, self.budget.chunk_bytes))
+        writer = scan.writer
         is_commit = self.decoder.is_commit
+        plugin = self.settings.output_plugin
+        open_chunks = scan.open
         rows = data_bytes = transactions = 0
-        committed_rows = committed_bytes = 0
-        last_commit: int | None = None
-        limited = False
         deadline = time.monotonic() + (budget.max_seconds if budget else float("inf"))
         reader = self.slot.read_rows(
             options=self.decoder.slot_options,
             upto_lsn=upto_lsn,
-            upto_nchanges=budget.max_changes if budget else None,
-            binary=self.settings.output_plugin == "pgoutput",
+            upto_nchanges=nchanges,
+            binary=plugin == "pgoutput",
         )
         try:
             for row in reader:
                 writer.add(row)
                 rows += 1
-                data_bytes += len(row[2])
-                if is_commit(row[2]):
+                data = row[2]
+                data_bytes += len(data)
+                if is_commit(data):
                     transactions += 1
-                    last_commit = row[0]
-                    committed_rows, committed_bytes = rows, data_bytes
-                    if budget is not None and (
-                        rows >= budget.max_changes
-                        or data_bytes >= budget.max_bytes
-                        or time.monotonic() >= deadline
-                    ):
-                        limited = True
-                        break
+                elif (content := snapshot_content(plugin, data)) is not None:
+                    mark = decode_header(content)
+                    if mark.kind == "low":
+                        if mark.chunk not in abandoned and mark.session is not None:
+                            open_chunks[mark.chunk] = (mark.session.pid, mark.session.started_us)
+                        continue
+                    open_chunks.pop(mark.chunk, None)
+                else:
+                    continue
+                if open_chunks:
+                    continue  # inside a snapshot chunk: no place to end the window or advance to
+                scan.last_commit = row[0]
+                scan.committed_rows, scan.committed_bytes, scan.transactions = rows, data_bytes, transactions
+                if budget is not None and (
+                    rows >= budget.max_changes
+                    or data_bytes >= budget.max_bytes
+                    or time.monotonic() >= deadline
+                ):
+                    scan.limited = True
+                    break
         finally:
             reader.close()
-        if budget is not None and committed_rows >= budget.max_changes:
-            limited = True  # PostgreSQL stopped at upto_nchanges: more may be pending
-        # Rows after the last commit would belong to a transaction not read to its end: never used.
-        advance_to = last_commit if last_commit is not None else (None if limited else upto_lsn)
-        window = PeekedWindow(
-            slot=self.slot.name,
-            window_id=spool.window_id,
-            start_lsn=start_lsn,
-            upto_lsn=upto_lsn,
-            last_commit_lsn=last_commit,
-            advance_to=advance_to,
-            limited=limited,
-            transactions=transactions,
-            rows=committed_rows,
-            plugin_bytes=committed_bytes,
-            row_chunks=0,
-            seconds=time.perf_counter() - started,
-        )
-        writer.finish(window.to_dict())
-        return replace(window, row_chunks=writer.chunks)
+        scan.rows_read = rows
+        if budget is not None and scan.committed_rows >= budget.max_changes:
+            scan.limited = True  # PostgreSQL stopped at upto_nchanges: more may be pending
+        return scan
 
     def _rows_of(self, window: PeekedWindow) -> WindowSpool:
         """The window's spool with its rows, read again from the slot when they are gone."""
@@ -439,7 +508,7 @@ class Replicator:
                 self.prepare()
                 # Bounded by the window's last commit, not by the budget: the same transactions (minus those
                 # the slot already passed), whatever the budget says now.
-                self._read_window(spool, window.last_commit_lsn, None)
+                self._read_window(spool, window.last_commit_lsn, None, window.abandoned_chunks)
         return spool
 
     def format(self, window: PeekedWindow) -> FormattedWindow:
@@ -475,10 +544,13 @@ class Replicator:
                 commits[key] = (row[0], self.decoder.commit_time(row[2]))
             part.commit(*commits[key])
 
+        # Table snapshots' watermarks become SNAPSHOT changes in stream order (core.snapshot).
+        merger = SnapshotMerger(window.abandoned_chunks)
         with _gc_paused():
             try:
                 # Keys follow the schema as the stream goes (core.schema_keys): it sees each part before it is keyed.
-                for txn in self.schema_keys.follow(self.decoder.decode(reader, part_size=chunk_changes), self.decoder):
+                decoded = self.decoder.decode(reader, part_size=chunk_changes)
+                for txn in merger.follow(self.schema_keys.follow(decoded, self.decoder)):
                     if txn.partial:
                         stamp(txn)
                     first = len(chunk.records)
@@ -486,7 +558,7 @@ class Replicator:
                     added = chunk.records[first:]
                     chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
                     chunk.record_bytes += sum(r.size for r in added)
-                    if not txn.partial:
+                    if not txn.partial and not merger.open:
                         chunk.advance_to = txn.commit_lsn
                     if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
                         yield chunk

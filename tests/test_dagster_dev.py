@@ -110,7 +110,7 @@ def test_dagster_dev_shows_the_location_and_the_sensor_replicates(
     repo = next(r for r in repos if r["location"]["name"] == "pg2kinesis")
     assert {j["name"] for j in repo["jobs"]} >= {"replicate"}
     assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {
-        "replication_sensor": "RUNNING", "replication_alerts": "RUNNING"}
+        "replication_sensor": "RUNNING", "replication_alerts": "RUNNING", "snapshot_tables_sensor": "RUNNING"}
     assert {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]} == {
         "replicate_schedule": "STOPPED", "prune_history_hourly": "RUNNING", "summarize_replication_daily": "RUNNING",
         "slot_health_schedule": "RUNNING", "primary_key_metadata_schedule": "RUNNING",

@@ -168,7 +168,7 @@ def test_decoder_for_pgoutput_and_slot_options() -> None:
     assert isinstance(decoder, PgOutputDecoder)
     assert isinstance(decoder, Decoder)
     assert decoder.plugin == "pgoutput"
-    assert decoder.slot_options == ("proto_version", "1", "publication_names", "pg2kinesis")
+    assert decoder.slot_options == ("proto_version", "1", "messages", "true", "publication_names", "pg2kinesis")
     named = decoder_for("pgoutput", publication="My Pub, 2")
     assert named.slot_options[-1] == '"My Pub, 2"'  # SplitIdentifierString would split/lower-case it
     assert PgOutputDecoder('we"ird').slot_options[-1] == '"we""ird"'

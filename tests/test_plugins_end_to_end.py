@@ -76,4 +76,4 @@ def test_replicator_builds_the_plugin_decoders(
         assert isinstance(r.decoder, Wal2JsonDecoder)
     with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, output_plugin="pgoutput") as r:
         assert isinstance(r.decoder, PgOutputDecoder)
-        assert r.decoder.slot_options == ("proto_version", "1", "publication_names", "pg2kinesis")
+        assert r.decoder.slot_options == ("proto_version", "1", "messages", "true", "publication_names", "pg2kinesis")

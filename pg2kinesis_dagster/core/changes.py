@@ -22,6 +22,8 @@ class Operation(str, Enum):
     UPDATE = "UPDATE"
     DELETE = "DELETE"
     TRUNCATE = "TRUNCATE"
+    # A row as a table snapshot read it (core.snapshot): apply it as an upsert of its key.
+    SNAPSHOT = "SNAPSHOT"
 
 
 def parse_lsn(text: str) -> int:
@@ -252,6 +254,9 @@ class Transaction:
     # A part that is not the transaction's last: its commit comes later, so ``commit_lsn`` is 0
     # and the changes are unstamped until the caller stamps them with :meth:`commit`.
     partial: bool = False
+    # A table snapshot's watermark (core.snapshot): the content of a non-transactional logical message with
+    # the snapshot prefix, yielded as a transaction without changes at the message's LSN (``commit_lsn``).
+    message: str | None = None
 
     def split(self) -> Transaction:
         """Hand the changes decoded so far over as a partial part, keeping the transaction open.

@@ -100,7 +100,7 @@ def ordering_key(change: Change, key_columns: Sequence[str] = ()) -> Hashable:
     if op is Operation.TRUNCATE:
         return table
     images: list[Hashable | None] = []
-    if op is Operation.INSERT:
+    if op is Operation.INSERT or op is Operation.SNAPSHOT:
         images.append(_image_key(change, change.after) if change.after is not None else None)
     else:
         before = change.before

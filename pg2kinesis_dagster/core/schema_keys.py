@@ -95,7 +95,7 @@ class SchemaFollowingKeys:
         for txn in transactions:
             if self._deferred and txn.xid in self._deferred:
                 self._effective.update(self._deferred.pop(txn.xid))
-            if not txn.changes:
+            if not txn.changes and txn.message is None:
                 # Only catalog rows changed: a DDL (or ANALYZE, a temporary table). Read the catalog before the
                 # next change is keyed.
                 self._reload_due, self._reload_at = True, txn.xid

@@ -102,12 +102,16 @@ class PeekedWindow:
     plugin_bytes: int
     row_chunks: int
     seconds: float = 0.0
+    # Snapshot chunks whose low watermark is orphaned (core.snapshot): their snapshotter is gone.
+    abandoned_chunks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeekedWindow:
+        data = dict(data)
+        data["abandoned_chunks"] = tuple(data.get("abandoned_chunks", ()))
         return cls(**data)
 
 

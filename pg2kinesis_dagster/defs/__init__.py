@@ -23,6 +23,8 @@ from pg2kinesis_dagster.defs.resources import (
     PostgresResource,
     ReplicationResource,
 )
+from pg2kinesis_dagster.defs.snapshot import build_snapshot_definitions
+from pg2kinesis_dagster.postgres.snapshot import DEFAULT_CHUNK_ROWS as DEFAULT_SNAPSHOT_CHUNK_ROWS
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -101,8 +103,14 @@ def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
     )
     # Health checks and their schedule, alerts, key refresh, heartbeat (README: "Operating it").
     operating = build_operating_definitions(env, slot_name, [job.name, continuous.name])
+    # Table snapshots, a partition per table (README: "Snapshots and backfills").
+    snapshot_assets, snapshot_sensors = build_snapshot_definitions(
+        [t.strip() for t in env.get("PG2K_SNAPSHOT_TABLES", "").split(",") if t.strip()] or None,
+        chunk_rows=int(env.get("PG2K_SNAPSHOT_CHUNK_ROWS") or DEFAULT_SNAPSHOT_CHUNK_ROWS),
+        sync_running=_flag(env, "PG2K_SNAPSHOT_SYNC_RUNNING", True),
+    )
     return Definitions(
-        assets=[replication_checkpoint, primary_key_metadata, *history_assets],
+        assets=[replication_checkpoint, primary_key_metadata, *history_assets, *snapshot_assets],
         asset_checks=operating.asset_checks,
         jobs=[job, continuous, *history_jobs, *operating.jobs],
         sensors=[
@@ -113,6 +121,7 @@ def build_definitions(env: Mapping[str, str] | None = None) -> Definitions:
                 settings=SensorSettings(mode=mode, continuous_max_runtime_seconds=continuous_runtime),
             ),
             *operating.sensors,
+            *snapshot_sensors,
         ],
         schedules=[build_schedule(job, env.get("PG2K_SCHEDULE_CRON", "*/5 * * * *"), slot_name),
                    *history_schedules, *operating.schedules],

@@ -4,8 +4,8 @@ Not needed in general: an idle slot is advanced to the flushed WAL position anyw
 requests a run once enough idle WAL waits behind it). The heartbeat is for setups where that is not enough --
 a small disk for which waiting for the sensor's idle threshold is too long, or monitoring that expects the
 replicated database itself to produce WAL at a steady pace: each message is a decodable record in this
-database, so the slot sees pending data and the next run moves past it. Every decoder ignores messages, so
-nothing is published for them. Non-transactional: written at once, whatever transaction the session is in,
+database, so the slot sees pending data and the next run moves past it. Every decoder ignores messages of this
+prefix, so nothing is published for them. Non-transactional: written at once, whatever transaction the session is in,
 and no xid is taken (so it cannot pin restart_lsn).
 """
 

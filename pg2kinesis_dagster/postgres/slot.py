@@ -335,6 +335,17 @@ class ReplicationSlot:
         )
         return {name for (name,) in rows}
 
+    def live_sessions(self, sessions: list[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Those of these sessions, as (pid, backend start in microseconds since the epoch), that still exist."""
+        if not sessions:
+            return set()
+        rows = self._query(
+            "SELECT s.pid, s.started FROM pg_stat_activity a JOIN unnest(%s::int[], %s::bigint[]) AS s(pid, started) "
+            "ON a.pid = s.pid AND (extract(epoch FROM a.backend_start) * 1000000)::bigint = s.started",
+            ([pid for pid, _ in sessions], [started for _, started in sessions]),
+        )
+        return {(int(pid), int(started)) for pid, started in rows}
+
     def read_rows(
         self,
         *,

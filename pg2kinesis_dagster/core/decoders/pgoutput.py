@@ -8,8 +8,8 @@ PostgreSQL's "Logical Replication Message Formats" (PostgreSQL 15):
   end LSN, commit timestamp);
 * ``R`` Relation (relid, namespace, name, replica identity, columns with key flag,
   type OID and typmod) before the first change of a table in each decoding session,
-  ``Y`` Type for non-built-in types, ``O`` Origin, ``M`` Message (only with the
-  ``messages`` option; ignored);
+  ``Y`` Type for non-built-in types, ``O`` Origin, ``M`` Message (read with the
+  ``messages`` option: table snapshots' watermarks are yielded, see core.snapshot; others ignored);
 * ``I`` Insert (``N`` tuple), ``U`` Update (optional ``K`` old key or ``O`` old row, then
   ``N``), ``D`` Delete (``K`` or ``O``), ``T`` Truncate (relids and CASCADE/RESTART
   IDENTITY flags);
@@ -57,6 +57,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 
 from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
 from pg2kinesis_dagster.core.errors import ConfigError, DecodeError
+from pg2kinesis_dagster.core.snapshot import message_transaction, snapshot_content
 
 # (type OID, typmod) -> the type's name; typmod -1 means "without typmod" (format_type_be).
 TypeNamer = Callable[[int, int], str]
@@ -203,6 +204,8 @@ class PgOutputDecoder:
         self.publication = publication
         self.slot_options: tuple[str, ...] = (
             "proto_version", "1",
+            # Logical messages: table snapshots' watermarks (core.snapshot).
+            "messages", "true",
             "publication_names", _publication_option(publication),
         )
         self._type_name = type_name
@@ -286,9 +289,12 @@ class PgOutputDecoder:
                     if txn is not None:
                         txn.size += len(data)
                 elif kind in (_MSG_ORIGIN, _MSG_MESSAGE):
-                    # No row change; it still counts towards the transaction's size.
+                    # No row change; it still counts towards the transaction's size. A snapshot
+                    # watermark (non-transactional) is yielded as a message transaction (core.snapshot).
                     if txn is not None:
                         txn.size += len(data)
+                    elif kind == _MSG_MESSAGE and (content := snapshot_content(self.plugin, data)) is not None:
+                        yield message_transaction(lsn, content, len(data))
                 else:
                     raise DecodeError(f"unknown pgoutput message type {chr(kind)!r} (only protocol "
                                       "version 1 without streaming is supported)", lsn=lsn, text=data)

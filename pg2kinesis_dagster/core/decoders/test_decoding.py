@@ -33,6 +33,7 @@ from pg2kinesis_dagster.core.changes import (
     new_column,
 )
 from pg2kinesis_dagster.core.errors import DecodeError
+from pg2kinesis_dagster.core.snapshot import message_transaction, snapshot_content
 
 # quote_identifier(): bare when it is [a-z_][a-z0-9_]* (and not a keyword),
 # otherwise double-quoted with embedded quotes doubled. The quoted form is
@@ -79,7 +80,7 @@ _OLD_KEY = " old-key:"
 _NEW_TUPLE = " new-tuple:"
 _MESSAGE = ("message: transactional: 0 prefix: ", "message: transactional: 1 prefix: ")
 
-_OPS = {op.value: op for op in Operation}
+_OPS = {op.value: op for op in Operation if op is not Operation.SNAPSHOT}  # SNAPSHOT: never printed
 _TRUNCATE_FLAGS: dict[str, tuple[str, ...]] = {
     "(no-flags)": (),
     "restart_seqs": ("restart_seqs",),
@@ -197,9 +198,12 @@ class TestDecodingDecoder:
                 changes = []
             elif data.startswith(_MESSAGE):
                 # pg_logical_emit_message(): no row change; it still counts
-                # towards the transaction's size.
+                # towards the transaction's size. A snapshot watermark (outside any
+                # transaction) is yielded as a message transaction (core.snapshot).
                 if txn is not None:
                     txn.size += len(data)
+                elif (content := snapshot_content(self.plugin, data)) is not None:
+                    yield message_transaction(lsn, content, len(data))
             else:
                 raise DecodeError("unknown test_decoding line", lsn=lsn, text=data)
 

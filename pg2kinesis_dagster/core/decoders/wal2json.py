@@ -59,6 +59,7 @@ from typing import Any
 from pg2kinesis_dagster.core.changes import Change, Column, Operation, SlotRow, Transaction, new_column
 from pg2kinesis_dagster.core.decoders.pgoutput import BUILTIN_TYPE_NAMES, TypeNamer
 from pg2kinesis_dagster.core.errors import DecodeError
+from pg2kinesis_dagster.core.snapshot import SNAPSHOT_PREFIX, message_transaction
 
 # (schema, table) -> {attnum: (column name, format_type_be type name)} of the live columns.
 ColumnLookup = Callable[[str, str], Mapping[int, tuple[str, str]]]
@@ -201,9 +202,12 @@ class Wal2JsonDecoder:
                     if len(changes) >= part_limit:
                         yield txn.split()
                 elif action == "M":
-                    # pg_logical_emit_message(): no row change; counts towards the size.
+                    # pg_logical_emit_message(): no row change; counts towards the size. A snapshot
+                    # watermark (non-transactional) is yielded as a message transaction (core.snapshot).
                     if txn is not None:
                         txn.size += len(data)
+                    elif not doc.get("transactional") and doc.get("prefix") == SNAPSHOT_PREFIX:
+                        yield message_transaction(lsn, str(doc.get("content", "")), len(data))
                 else:
                     raise DecodeError(f"unknown wal2json action {action!r}", lsn=lsn, text=data)
             except DecodeError:
