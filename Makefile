@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dev test lint bench bench-dagster fuzz faults install system-deps clean
+.PHONY: demo dev test lint bench bench-dagster bench-replications fuzz faults install system-deps clean
 
 # Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
 $(STAMP): pyproject.toml
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # The Dagster path under a real dagster-daemon next to pg2k (about 15 minutes); BENCH_ARGS picks scenarios.
 bench-dagster: $(STAMP)
 	$(PY) benchmarks/bench_dagster.py $(BENCH_ARGS)
+
+# Four replications in one code location under one dagster-daemon, against one alone (a few minutes).
+bench-replications: $(STAMP)
+	$(PY) benchmarks/bench_replications.py $(BENCH_ARGS)
 
 faults: $(STAMP)
 	PG2K_FAULTS_PROFILE=long $(PY) -m pytest tests/faults -q -s -p no:warnings --timeout=3600

@@ -272,7 +272,8 @@ class ReplicationConfig(ReplicationSettings):
     safe_wal_error_fraction: float = setting(_DEFAULT_THRESHOLDS.safe_wal_error_fraction, "... errors",
                                              group="health", ge=0, le=1)
     freshness_warn_minutes: float = setting(_DEFAULT_THRESHOLDS.fresh_warn_minutes,
-                                            "changes pending and no checkpoint for this long warns", group="health",
+                                            "changes pending and no checkpoint for this long warns (inf: never)",
+                                            group="health",
                                             ge=0)
     freshness_error_minutes: float = setting(_DEFAULT_THRESHOLDS.fresh_error_minutes, "... errors",
                                              group="health", ge=0)
@@ -327,7 +328,8 @@ class LocationSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    retention_days: float = setting(7.0, "finished runs of the location's jobs older than this are deleted (hourly)",
+    retention_days: float = setting(7.0, "finished runs of the location's jobs older than this are deleted hourly "
+                                    "(file: a top-level key)",
                                     group="dagster", gt=0)
 
 
@@ -655,6 +657,8 @@ def markdown_table() -> str:
     """The README's configuration table: every setting with its variable, flag, default, allowed values."""
     rows = ["| setting (file) | variable | `pg2k` flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
     fields = [*ReplicationConfig.model_fields.items(), *LocationSettings.model_fields.items()]
+    order = list(GROUPS)
+    fields.sort(key=lambda item: (order.index(meta(item[1])["group"]), not item[0].startswith("pg_")))
     for name, info in fields:
         extra = meta(info)
         choices = choices_of(info.annotation)
