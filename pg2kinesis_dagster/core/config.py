@@ -89,8 +89,10 @@ class ReplicationSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Its rule (1-63 of a-z, 0-9, _) is checked by postgres.slot.validate_slot_name before any SQL, and by the
+    # code location when it loads.
     slot_name: str = setting("pg2kinesis", "logical replication slot", group="source", flag="--pg-slot-name",
-                             pipeline=True, min_length=1, max_length=63, pattern=r"^[a-z0-9_]+$")
+                             pipeline=True)
     output_plugin: OutputPlugin = setting("test_decoding", "the slot's output plugin", group="source",
                                           flag="--pg-slot-output-plugin", pipeline=True)
     publication: str = setting(

@@ -18,6 +18,7 @@ from typing import Any
 from dagster import Definitions
 
 from pg2kinesis_dagster.core.config import Location, Replication, ReplicationConfig, from_env
+from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.defs.assets import build_checkpoint_spec
 from pg2kinesis_dagster.defs.automation import SensorSettings, build_schedule, build_sensor
 from pg2kinesis_dagster.defs.handles import window_handle_io_manager
@@ -32,6 +33,7 @@ from pg2kinesis_dagster.defs.jobs import (
 )
 from pg2kinesis_dagster.defs.operating import build_operating_definitions
 from pg2kinesis_dagster.defs.resources import build_replication_resources, slot_tag
+from pg2kinesis_dagster.postgres.slot import validate_slot_name
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ def build_resources(env: Mapping[str, str]) -> dict[str, object]:
 
 
 def location_definitions(location: Location) -> Definitions:
+    for replication in location.replications:
+        try:
+            validate_slot_name(replication.config.slot_name)
+        except ConfigError as exc:
+            where = f"replication {replication.name!r}" if replication.name else "PG2K_SLOT_NAME"
+            raise ConfigError(f"{where}: slot_name: {exc}") from None
     scopes = [replication_scope(replication) for replication in location.replications]
     parts = [builder(scope) for scope in scopes for builder in REPLICATION_BUILDERS]
     all_jobs = [job.name for part in parts for job in (part.jobs or [])]

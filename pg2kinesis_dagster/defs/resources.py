@@ -107,8 +107,7 @@ REPLICATION_FIELDS = [name for name, info in ReplicationSettings.model_fields.it
 class _ReplicationResource(ConfigurableResource):
     """One slot replicated into one stream; the ops of a run share its connection and slot lock."""
 
-    postgres: _PostgresResource
-    kinesis: _KinesisResource
+    # postgres: PostgresResource and kinesis: KinesisResource, declared with the generated classes below.
     name: str = Field(default="", description="The replication's name in the code location (empty: the only one)")
 
     _replicator: Replicator | None = PrivateAttr(default=None)
@@ -143,7 +142,8 @@ class _ReplicationResource(ConfigurableResource):
 
 
 ReplicationResource = create_model(
-    "ReplicationResource", __base__=_ReplicationResource, __module__=__name__, **model_fields(REPLICATION_FIELDS),
+    "ReplicationResource", __base__=_ReplicationResource, __module__=__name__,
+    postgres=(PostgresResource, ...), kinesis=(KinesisResource, ...), **model_fields(REPLICATION_FIELDS),
 )
 ReplicationResource.__doc__ = _ReplicationResource.__doc__
 
