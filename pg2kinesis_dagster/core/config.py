@@ -222,8 +222,9 @@ class ReplicationConfig(ReplicationSettings):
         None, f"the environment variable that holds the password (Dagster reads it with EnvVar; {PASSWORD_ENV} "
         "when that is set); default: PGPASSWORD or ~/.pgpass", group="source", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # -- Kinesis
+    # Not checked here: Kinesis's answer for a name it does not have is the clearer error ("does not exist").
     stream_name: str = setting("pg2kinesis", "Kinesis data stream", group="kinesis", flag="--stream-name",
-                               min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")
+                               min_length=1)
     aws_region: str | None = setting(None, "AWS region (default: AWS_REGION/AWS_DEFAULT_REGION)", group="kinesis",
                                      flag="--aws-region")
     aws_profile: str | None = setting(None, "AWS profile (default: AWS_PROFILE)", group="kinesis",
