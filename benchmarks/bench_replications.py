@@ -69,7 +69,8 @@ def main() -> int:
     args = parser.parse_args()
     with PostgresServer() as pg, MotoServer(fast=True) as moto, LatencyProxy(moto.endpoint_url) as proxy:
         one = scenario(pg, moto, proxy.endpoint_url, 1, args, "one")
-        many = scenario(pg, moto, proxy.endpoint_url, args.replications, "many")
+        print(f"one replication: {json.dumps(one)}", file=sys.stderr)
+        many = scenario(pg, moto, proxy.endpoint_url, args.replications, args, "many")
     print(json.dumps({"one": one, "many": many,
                       "throughput_ratio": round(many["changes_per_second"] / one["changes_per_second"], 2)},
                      indent=2))
