@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dev test lint bench bench-dagster bench-snapshot snapshot-long fuzz faults install system-deps clean
+.PHONY: demo dev test lint bench bench-dagster bench-replications bench-snapshot snapshot-long fuzz faults install \
+	system-deps clean
 
 # Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
 $(STAMP): pyproject.toml
@@ -49,6 +50,10 @@ bench-snapshot: $(STAMP)
 snapshot-long: $(STAMP)
 	PG2K_SNAPSHOT_ROWS=100000 $(PY) -m pytest tests/test_snapshot.py -q -p no:randomly -k "concurrent or killed" \
 		--timeout=3600 --durations=0
+
+# Four replications in one code location under one dagster-daemon, against one alone (a few minutes).
+bench-replications: $(STAMP)
+	$(PY) benchmarks/bench_replications.py $(BENCH_ARGS)
 
 faults: $(STAMP)
 	PG2K_FAULTS_PROFILE=long $(PY) -m pytest tests/faults -q -s -p no:warnings --timeout=3600

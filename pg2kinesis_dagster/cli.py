@@ -17,14 +17,11 @@ from collections.abc import Sequence
 
 import psycopg2
 
-from pg2kinesis_dagster import pipeline
-from pg2kinesis_dagster.core.decoders import supported_plugins
+from pg2kinesis_dagster.core import config
 from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableError
-from pg2kinesis_dagster.core.window import DEFAULT_CHUNK_CHANGES
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator, WindowResult
 from pg2kinesis_dagster.postgres.connection import PostgresSettings, mask_passwords
-from pg2kinesis_dagster.spool import default_spool_root
 
 log = logging.getLogger("pg2kinesis")
 
@@ -33,13 +30,14 @@ _RECONNECT_FIRST_DELAY = 0.5
 _RECONNECT_MAX_DELAY = 10.0
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one worth showing."""
+def add_replication_arguments(
+    parser: argparse.ArgumentParser, groups: Sequence[str] = ("source", "kinesis", "format", "budget")
+) -> dict[str, argparse._ArgumentGroup]:
+    """The configuration model's flags (:mod:`pg2kinesis_dagster.core.config`) on ``parser``, by group.
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, "", argparse.SUPPRESS) or "default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action) or ""
+    A subcommand that needs only the connection, slot and stream passes ``groups=("source", "kinesis")``.
+    """
+    return config.add_arguments(parser, groups, env=os.environ)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,189 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="pg2k snapshot --table schema.table ...: queue the rows of existing tables into the slot, in order "
         "with the stream (pg2k snapshot --help).",
-        formatter_class=_HelpFormatter,
+        formatter_class=config.HelpFormatter,
     )
-    pg = parser.add_argument_group("PostgreSQL (pg2kinesis flags)")
-    pg.add_argument(
-        "--pg-dbname", default=None,
-        help="database (default: PGDATABASE); as in libpq, a URI or key=value string here is a connection string "
-        "(the flags below override it)",
-    )
-    pg.add_argument("--pg-host", default=None, help="host (default: PGHOST or the local socket)")
-    pg.add_argument("--pg-port", type=int, default=None, help="port (default: PGPORT or 5432)")
-    pg.add_argument("--pg-user", default=None, help="role (default: PGUSER)")
-    pg.add_argument("--pg-sslmode", default=None, help="libpq sslmode (default: PGSSLMODE or prefer)")
-    pg.add_argument("--pg-dsn", default="", help="a libpq connection string or URI; the flags above override it")
-    pg.add_argument("--pg-slot-name", default="pg2kinesis", help="logical replication slot")
-    pg.add_argument(
-        "--pg-slot-output-plugin",
-        default="test_decoding",
-        choices=supported_plugins(),
-        help="the slot's output plugin",
-    )
-    pg.add_argument(
-        "--publication",
-        default="pg2kinesis",
-        help="pgoutput only: the publication to replicate (created FOR ALL TABLES with the slot when missing)",
-    )
-    pg.add_argument("--create-slot", action="store_true", help="create the slot if it does not exist")
-    pg.add_argument(
-        "--recreate-slot",
-        action="store_true",
-        help="drop and create the slot first (loses the changes pending on it)",
-    )
-
-    out = parser.add_argument_group("Kinesis")
-    out.add_argument("--stream-name", default="pg2kinesis", help="Kinesis data stream")
-    out.add_argument("--aws-region", default=None, help="AWS region (default: AWS_REGION/AWS_DEFAULT_REGION)")
-    out.add_argument("--aws-profile", default=None, help="AWS profile (default: AWS_PROFILE)")
-    out.add_argument(
-        "--endpoint-url",
-        default=None,
-        help="Kinesis endpoint, e.g. a local emulator (default: AWS_ENDPOINT_URL_KINESIS, then AWS)",
-    )
-    out.add_argument(
-        "--aggregate",
-        action="store_true",
-        help="pack changes into KPL-aggregated records, as pg2kinesis did: far fewer Kinesis records "
-        "(consumers deaggregate with the KCL or aws-kinesis-agg)",
-    )
-    out.add_argument(
-        "--max-retry-seconds",
-        type=float,
-        default=300.0,
-        help="keep retrying Kinesis (and, without --once, a lost PostgreSQL connection) this long, then fail "
-        "with the slot untouched",
-    )
-
-    fmt = parser.add_argument_group("What is published (pg2kinesis flags)")
-    fmt.add_argument(
-        "--message-formatter",
-        default="CSVPayload",
-        help="CSV, CSVPayload (pg2kinesis formats), JSON, or a class as package.module:Class",
-    )
-    fmt.add_argument("--full-change", action="store_true", help="include the row images in CSVPayload")
-    fmt.add_argument(
-        "--typed-json",
-        action="store_true",
-        help="JSON format: numbers, booleans, json and arrays as typed JSON values where lossless (see README)",
-    )
-    fmt.add_argument("--table-pat", default=None, help="only tables whose schema.table matches this regex")
-    fmt.add_argument("--exclude-table-pat", default=None, help="skip tables whose schema.table matches")
-    fmt.add_argument(
-        "--exclude-columns",
-        action="append",
-        default=None,
-        help="columns never published, from every format: schema.table:col,col, entries separated by ';' or "
-        "repeated, e.g. public.users:ssn,password_hash (default: PG2K_EXCLUDE_COLUMNS); key columns cannot be",
-    )
-    fmt.add_argument(
-        "--operations",
-        action="append",
-        default=None,
-        help="operations to publish, comma-separated or repeated: insert,update,delete,truncate (default: all)",
-    )
-    fmt.add_argument(
-        "--no-primary-key",
-        choices=["publish", "skip"],
-        default="publish",
-        help="changes of tables without a primary key: publish keyed by table, or skip as pg2kinesis did",
-    )
-    fmt.add_argument(
-        "--partition-key",
-        choices=["row", "table", "xid", "constant"],
-        default="row",
-        help="Kinesis partition key: the row (table + key), the table, the transaction id, or a constant",
-    )
-    fmt.add_argument("--partition-key-constant", default="pg2kinesis", help="with --partition-key constant")
-    fmt.add_argument(
-        "--oversized",
-        choices=["fail", "truncate"],
-        default="fail",
-        help="a record over Kinesis's 1 MiB limit: fail the run (slot untouched), or replace its largest "
-        "non-key values by the marker __pg2kinesis_truncated__:<bytes> until it fits",
-    )
-
-    run = parser.add_argument_group("Running")
+    groups = add_replication_arguments(parser)
+    run = groups["budget"]
     run.add_argument(
         "--once",
         action="store_true",
         help="drain what is pending up to the current WAL position, then exit 0",
     )
-    run.add_argument(
-        "--max-changes",
-        type=int,
-        default=pipeline.DEFAULT_MAX_CHANGES,
-        help="window budget: rows of plugin output per window (it ends at the next commit; a window is "
-        "processed in chunks, so a large one costs disk in the spool, not memory)",
-    )
-    run.add_argument(
-        "--max-bytes", type=int, default=pipeline.DEFAULT_MAX_BYTES, help="window budget: plugin output bytes"
-    )
-    run.add_argument(
-        "--max-seconds",
-        type=float,
-        default=pipeline.DEFAULT_MAX_SECONDS,
-        help="window budget: seconds spent reading the slot",
-    )
-    run.add_argument(
-        "--chunk-changes",
-        type=int,
-        default=DEFAULT_CHUNK_CHANGES,
-        help="changes per chunk inside a window: about what memory holds, and what a crash sends again",
-    )
-    run.add_argument(
-        "--spool-dir",
-        default=os.environ.get("PG2K_SPOOL_DIR") or None,
-        help="local folder for the window being replicated (default: PG2K_SPOOL_DIR, else "
-        f"{default_spool_root()})",
-    )
     run.add_argument("--poll-interval", type=float, default=1.0, help="seconds to wait when nothing is pending")
-    run.add_argument(
-        "--key-refresh-seconds", type=float, default=3600.0,
-        help="re-read primary keys from the catalog at least this often (schema changes seen in the stream "
-        "re-read them at once)",
-    )
     run.add_argument("-v", "--verbose", action="store_true", help="log every window")
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> config.ReplicationConfig:
+    """The replication the flags describe; a bad value is a ConfigError naming the flag, value and what is allowed."""
+    return config.from_args(args, env=os.environ)
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, ReplicationSettings]:
-    pg = PostgresSettings(
-        dsn=args.pg_dsn,
-        host=args.pg_host,
-        port=args.pg_port,
-        dbname=args.pg_dbname,
-        user=args.pg_user,
-        sslmode=args.pg_sslmode,
+    replication = config_from_args(args)
+    return PostgresSettings(**replication.postgres_fields()), replication.settings()
+
+
+def replicator_for(model: config.ReplicationConfig, **overrides: object) -> Replicator:
+    """The pipeline of the replication ``model`` describes (``overrides``: pipeline settings changed)."""
+    client = make_kinesis_client(
+        region_name=model.aws_region, endpoint_url=model.kinesis_endpoint_url, profile_name=model.aws_profile
     )
-    operations = ",".join(args.operations) if args.operations else None
-    replication = ReplicationSettings(
-        slot_name=args.pg_slot_name,
-        output_plugin=args.pg_slot_output_plugin,
-        publication=args.publication,
-        message_formatter=args.message_formatter,
-        full_change=args.full_change,
-        table_pat=args.table_pat,
-        exclude_table_pat=args.exclude_table_pat,
-        operations=operations,
-        no_primary_key=args.no_primary_key,
-        partition_key=args.partition_key,
-        partition_key_constant=args.partition_key_constant,
-        max_changes=args.max_changes,
-        max_bytes=args.max_bytes,
-        max_seconds=args.max_seconds,
-        chunk_changes=args.chunk_changes,
-        spool_dir=args.spool_dir,
-        create_slot=args.create_slot,
-        recreate_slot=args.recreate_slot,
-        oversized=args.oversized,
-        typed_json=args.typed_json,
-        key_refresh_seconds=args.key_refresh_seconds,
-        exclude_columns=";".join(args.exclude_columns) if args.exclude_columns
-        else os.environ.get("PG2K_EXCLUDE_COLUMNS") or None,
-    )
-    return pg, replication
+    sink = KinesisSink(client, model.stream_name, max_retry_seconds=model.max_retry_seconds, aggregate=model.aggregate)
+    settings = model.settings().model_copy(update=overrides) if overrides else model.settings()
+    return Replicator(PostgresSettings(**model.postgres_fields()), sink, settings)
 
 
 class _Stop:
@@ -277,14 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     pg: PostgresSettings | None = None
     try:
-        pg, replication = settings_from_args(args)
-        client = make_kinesis_client(
-            region_name=args.aws_region, endpoint_url=args.endpoint_url, profile_name=args.aws_profile
-        )
-        sink = KinesisSink(
-            client, args.stream_name, max_retry_seconds=args.max_retry_seconds, aggregate=args.aggregate
-        )
-        with Replicator(pg, sink, replication) as replicator:
+        model = config_from_args(args)
+        pg = PostgresSettings(**model.postgres_fields())
+        with replicator_for(model) as replicator:
             return _run(replicator, args)
     except Pg2KinesisError as exc:
         # Messages never carry a password; masking here covers one given in any connection setting anyway.

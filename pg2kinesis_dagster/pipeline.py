@@ -38,6 +38,7 @@ from types import TracebackType
 
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
+from pg2kinesis_dagster.core.config import ReplicationSettings
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
@@ -48,8 +49,6 @@ from pg2kinesis_dagster.core.records import BatchStats, NoKeyPolicy, RecordBuild
 from pg2kinesis_dagster.core.schema_keys import SchemaFollowingKeys
 from pg2kinesis_dagster.core.snapshot import SnapshotMerger, decode_header, snapshot_content
 from pg2kinesis_dagster.core.window import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_CHUNK_CHANGES,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_CHANGES,
     DEFAULT_MAX_SECONDS,
@@ -80,52 +79,6 @@ __all__ = [
     "Replicator",
     "WindowResult",
 ]
-
-
-@dataclass(frozen=True)
-class ReplicationSettings:
-    """What to replicate and how; the CLI flags and the Dagster resource both fill this."""
-
-    slot_name: str = "pg2kinesis"
-    output_plugin: str = "test_decoding"
-    # pgoutput only: the publication whose tables are replicated (created with the slot when missing).
-    publication: str = "pg2kinesis"
-    message_formatter: str = "CSVPayload"
-    full_change: bool = False
-    table_pat: str | None = None
-    exclude_table_pat: str | None = None
-    operations: str | None = None
-    no_primary_key: str = "publish"
-    partition_key: str = "row"
-    partition_key_constant: str = "pg2kinesis"
-    # The window budget: a window ends at the first commit after any of these is reached.
-    max_changes: int = DEFAULT_MAX_CHANGES
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_seconds: float = DEFAULT_MAX_SECONDS
-    # Chunks inside a window: memory holds about one chunk, a crash republishes about one chunk.
-    chunk_changes: int = DEFAULT_CHUNK_CHANGES
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # Where windows are spooled (default: the system's temporary directory).
-    spool_dir: str | None = None
-    create_slot: bool = False
-    recreate_slot: bool = False
-    # A record over Kinesis's 1 MiB limit: "fail" the batch, or "truncate" its largest values (core.oversize).
-    oversized: str = "fail"
-    # JSON format only: typed values (numbers, booleans, nested JSON, arrays) instead of PostgreSQL's text.
-    typed_json: bool = False
-    # Read the catalog's primary keys again at least this often (schema changes in the stream do it at once).
-    key_refresh_seconds: float = 3600.0
-    # Columns that never leave the database: "schema.table:col,col;..." (core.columns).
-    exclude_columns: str | None = None
-
-    def budget(self) -> WindowBudget:
-        return WindowBudget(
-            max_changes=self.max_changes,
-            max_bytes=self.max_bytes,
-            max_seconds=self.max_seconds,
-            chunk_changes=self.chunk_changes,
-            chunk_bytes=self.chunk_bytes,
-        )
 
 
 @contextmanager

@@ -55,6 +55,10 @@ from pg2kinesis_dagster.core.errors import DecodeError
 
 log = logging.getLogger(__name__)
 
+# Rows per chunk: one short transaction on the source and two WAL messages each.
+DEFAULT_CHUNK_ROWS = 5_000
+# A chunk's rows travel in one WAL message and one decoded row of the spool: bounded in bytes too.
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 SNAPSHOT_PREFIX = "pg2kinesis.snapshot"
 # A transactional message with this prefix only forces a WAL flush after a high watermark; ignored.
 FLUSH_PREFIX = "pg2kinesis.snapshot.flush"

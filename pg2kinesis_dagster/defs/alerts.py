@@ -37,7 +37,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from pg2kinesis_dagster.core import health as core_health
 from pg2kinesis_dagster.core import incidents
 from pg2kinesis_dagster.core.errors import Pg2KinesisError
-from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET
+from pg2kinesis_dagster.defs.jobs import checkpoint_key, unprefixed
 from pg2kinesis_dagster.defs.resources import ReplicationResource
 from pg2kinesis_dagster.postgres.health import read_slot_health
 from pg2kinesis_dagster.webhook import WebhookError, post_message
@@ -84,7 +84,7 @@ def run_failure_signal(instance: DagsterInstance, run_id: str, job_name: str) ->
             reason = _first_line(error.message) or reason
         if event.event_type == DagsterEventType.STEP_FAILURE:
             break
-    advice = RUN_ADVICE.get(job_name, "Look at the run's logs in the Dagster UI.")
+    advice = RUN_ADVICE.get(unprefixed(job_name), "Look at the run's logs in the Dagster UI.")
     return incidents.Signal(
         key=f"run:{job_name}:{step}:{kind}",
         level=incidents.ERROR,
@@ -129,13 +129,15 @@ def _new_runs(
     return problems, succeeded
 
 
-def _check_signals(instance: DagsterInstance, state: dict[str, Any]) -> tuple[list[incidents.Signal], list[str]]:
+def _check_signals(
+    instance: DagsterInstance, state: dict[str, Any], asset_key: AssetKey
+) -> tuple[list[incidents.Signal], list[str]]:
     """Failing checks and passing checks, from each health check's newest evaluation since the last tick."""
     seen: dict[str, int] = dict(state.get("check_ids", {}))
     problems: list[incidents.Signal] = []
     passed: list[str] = []
     for name in core_health.CHECK_NAMES:
-        key = AssetCheckKey(AssetKey(CHECKPOINT_ASSET), name)
+        key = AssetCheckKey(asset_key, name)
         record = instance.get_latest_asset_check_evaluation_record(key)
         if record is None or record.id <= seen.get(name, 0) or record.event is None:
             continue
@@ -177,7 +179,7 @@ def evaluate_alerts(
     state = incidents.loads(context.cursor)
     book = incidents.IncidentBook.from_json(state.get("incidents"))
     run_problems, succeeded = _new_runs(context.instance, jobs, state, now)
-    check_problems, passed = _check_signals(context.instance, state)
+    check_problems, passed = _check_signals(context.instance, state, checkpoint_key(replication.name))
     cleared = [f"run:{job}:" for job in succeeded] + passed
     changes = book.update(run_problems + check_problems, cleared, now)
     unsent: list[str] = list(state.get("unsent", []))
@@ -212,10 +214,12 @@ def evaluate_alerts(
 
 
 def build_alert_sensor(
-    webhook_url: str | None, *, jobs: Sequence[str], running: bool, interval_seconds: int
+    webhook_url: str | None, *, jobs: Sequence[str], running: bool, interval_seconds: int,
+    name: str = ALERT_SENSOR, resource_key: str = "replication",
 ) -> SensorDefinition:
     @sensor(
-        name=ALERT_SENSOR,
+        name=name,
+        required_resource_keys={resource_key},
         minimum_interval_seconds=interval_seconds,
         default_status=DefaultSensorStatus.RUNNING if running else DefaultSensorStatus.STOPPED,
         description=(
@@ -223,7 +227,9 @@ def build_alert_sensor(
             "log, and to PG2K_ALERT_WEBHOOK_URL (a Slack-compatible JSON POST) when set."
         ),
     )
-    def replication_alerts(context: SensorEvaluationContext, replication: ReplicationResource) -> SkipReason:
+    def replication_alerts(context: SensorEvaluationContext, **resources: Any) -> SkipReason:
+        # Called directly (tests), Dagster passes the required resources as arguments; the daemon does not.
+        replication = resources.get(resource_key) or getattr(context.resources, resource_key)
         return SkipReason(evaluate_alerts(context, replication, webhook_url, jobs))
 
     return replication_alerts

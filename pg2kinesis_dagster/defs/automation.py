@@ -11,6 +11,7 @@ failed once its PostgreSQL session — named after the run — has been gone for
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dagster import (
     DagsterEventType,
@@ -55,6 +56,9 @@ MODES = ("micro", "continuous")
 class SensorSettings:
     mode: str = "micro"  # which job the sensor keeps running: micro-batch windows or one continuous run
     continuous_max_runtime_seconds: float = 1800.0
+    # The replication's jobs (prefixed by its name when the code location has several).
+    replicate_job: str = REPLICATE_JOB
+    continuous_job: str = CONTINUOUS_JOB
 
 
 def _cursor(context: SensorEvaluationContext) -> dict[str, float]:
@@ -122,23 +126,22 @@ def slot_run_request(
     """Keep the slot's replication going: one run working, the next queued while a backlog remains."""
     settings = settings or SensorSettings()
     slot_name = replication.slot_name
+    tags = {SLOT_TAG: replication.slot_tag()}
     now = time.time()
-    in_flight = list(
-        context.instance.get_run_records(RunsFilter(tags={SLOT_TAG: slot_name}, statuses=IN_FLIGHT))
-    )
+    in_flight = list(context.instance.get_run_records(RunsFilter(tags=tags, statuses=IN_FLIGHT)))
     plugin = replication.output_plugin
     with ReplicationSlot(replication.postgres.settings(), slot_name, plugin) as slot:
         in_flight, missing = fail_dead_runs(context, slot, in_flight, now)
         cursor = json.dumps({"missing_since": missing})
-        tags = {SLOT_TAG: slot_name}
-        job = CONTINUOUS_JOB if settings.mode == "continuous" else REPLICATE_JOB
+        continuous_job = settings.continuous_job
+        job = continuous_job if settings.mode == "continuous" else settings.replicate_job
         queued = [r for r in in_flight if r.dagster_run.status in QUEUED]
         running = [r for r in in_flight if r.dagster_run.status not in QUEUED]
         if queued:
             return SensorResult(skip_reason=SkipReason(f"a run of slot {slot_name!r} is queued"), cursor=cursor)
         if running:
             current = running[0]
-            if current.dagster_run.job_name == CONTINUOUS_JOB:
+            if current.dagster_run.job_name == continuous_job:
                 age = now - (current.start_time or now)
                 successor = age > settings.continuous_max_runtime_seconds - CONTINUOUS_HANDOVER_SECONDS
             else:
@@ -158,7 +161,7 @@ def slot_run_request(
                 ),
                 cursor=cursor,
             )
-        if job == CONTINUOUS_JOB:
+        if job == continuous_job:
             return SensorResult(run_requests=[RunRequest(job_name=job, tags=tags)], cursor=cursor)
         options = decoder_for(
             plugin, **decoder_options(plugin, replication.postgres.settings(), publication=replication.publication)
@@ -171,32 +174,40 @@ def slot_run_request(
 
 
 def build_sensor(
-    jobs: list[JobDefinition], default_running: bool, interval_seconds: int, settings: SensorSettings | None = None
+    jobs: list[JobDefinition], default_running: bool, interval_seconds: int, settings: SensorSettings | None = None,
+    *, name: str = "replication_sensor", resource_key: str = "replication",
 ) -> SensorDefinition:
+    """The replication sensor; ``resource_key`` names the replication's resource (one per replication)."""
     settings = settings or SensorSettings()
 
     @sensor(
+        name=name,
         jobs=jobs,
+        required_resource_keys={resource_key},
         minimum_interval_seconds=interval_seconds,
         default_status=DefaultSensorStatus.RUNNING if default_running else DefaultSensorStatus.STOPPED,
         description=(
-            f"Keeps {CONTINUOUS_JOB if settings.mode == 'continuous' else REPLICATE_JOB} running for the slot: "
+            f"Keeps {settings.continuous_job if settings.mode == 'continuous' else settings.replicate_job} running "
+            "for the slot: "
             "a run whenever changes are pending, the next one queued while a backlog remains; marks failed a "
             "run whose process died without reporting."
         ),
     )
-    def replication_sensor(context: SensorEvaluationContext, replication: ReplicationResource) -> SensorResult:
+    def replication_sensor(context: SensorEvaluationContext, **resources: Any) -> SensorResult:
+        # Called directly (tests), Dagster passes the required resources as arguments; the daemon does not.
+        replication = resources.get(resource_key) or getattr(context.resources, resource_key)
         return slot_run_request(context, replication, settings)
 
     return replication_sensor
 
 
-def build_schedule(job: JobDefinition, cron: str, slot_name: str) -> ScheduleDefinition:
+def build_schedule(job: JobDefinition, cron: str, slot_tag: str, name: str = "replicate_schedule"
+                   ) -> ScheduleDefinition:
     return ScheduleDefinition(
-        name="replicate_schedule",
+        name=name,
         job=job,
         cron_schedule=cron,
         default_status=DefaultScheduleStatus.STOPPED,
-        tags={SLOT_TAG: slot_name},
-        description="Runs replicate at fixed intervals, for those who prefer scheduled micro-batches.",
+        tags={SLOT_TAG: slot_tag},
+        description=f"Runs {job.name} at fixed intervals, for those who prefer scheduled micro-batches.",
     )

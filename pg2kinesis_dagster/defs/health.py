@@ -30,7 +30,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 from pg2kinesis_dagster.core import health as core
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import SourceUnavailableError
-from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET
+from pg2kinesis_dagster.defs.jobs import checkpoint_key, prefixed
 from pg2kinesis_dagster.defs.resources import ReplicationResource
 from pg2kinesis_dagster.postgres.health import read_slot_health
 
@@ -61,8 +61,10 @@ DESCRIPTIONS = {
 }
 
 
-def minutes_since_checkpoint(instance: DagsterInstance, now: float | None = None) -> float | None:
-    event = instance.get_latest_materialization_event(AssetKey(CHECKPOINT_ASSET))
+def minutes_since_checkpoint(
+    instance: DagsterInstance, now: float | None = None, asset_key: AssetKey | None = None
+) -> float | None:
+    event = instance.get_latest_materialization_event(asset_key or checkpoint_key())
     if event is None:
         return None
     return max(0.0, ((time.time() if now is None else now) - event.timestamp) / 60.0)
@@ -90,10 +92,11 @@ def slot_findings(
         )
     except SourceUnavailableError as exc:
         return unreachable_findings(replication.slot_name, str(exc))
-    return core.evaluate(health, thresholds, minutes_since_checkpoint=minutes_since_checkpoint(instance))
+    since = minutes_since_checkpoint(instance, asset_key=checkpoint_key(replication.name))
+    return core.evaluate(health, thresholds, minutes_since_checkpoint=since)
 
 
-def check_result(finding: core.Finding) -> AssetCheckResult:
+def check_result(finding: core.Finding, asset_key: AssetKey | None = None) -> AssetCheckResult:
     metadata: dict[str, object] = dict(finding.metadata)
     metadata["summary"] = finding.summary
     if finding.advice:
@@ -101,7 +104,7 @@ def check_result(finding: core.Finding) -> AssetCheckResult:
     metadata["level"] = finding.level.value
     return AssetCheckResult(
         check_name=finding.check,
-        asset_key=AssetKey(CHECKPOINT_ASSET),
+        asset_key=asset_key or checkpoint_key(),
         passed=finding.passed,
         severity=AssetCheckSeverity.WARN if finding.level is core.Level.WARN else AssetCheckSeverity.ERROR,
         description=finding.summary,
@@ -109,29 +112,35 @@ def check_result(finding: core.Finding) -> AssetCheckResult:
     )
 
 
-def build_health_checks(thresholds: core.Thresholds) -> AssetChecksDefinition:
+def build_health_checks(
+    thresholds: core.Thresholds, *, replication_name: str = "", resource_key: str = "replication"
+) -> AssetChecksDefinition:
+    asset_key = checkpoint_key(replication_name)
+
     @multi_asset_check(
-        name="slot_health_checks",
-        specs=[AssetCheckSpec(name, asset=CHECKPOINT_ASSET, description=DESCRIPTIONS[name])
+        name=prefixed(replication_name, "slot_health_checks"),
+        required_resource_keys={resource_key},
+        specs=[AssetCheckSpec(name, asset=asset_key, description=DESCRIPTIONS[name])
                for name in core.CHECK_NAMES],
         description="Reads the slot, the WAL position, decoding statistics and open transactions once; one "
         "result per check.",
     )
-    def slot_health_checks(
-        context: AssetCheckExecutionContext, replication: ReplicationResource
-    ) -> Iterator[AssetCheckResult]:
+    def slot_health_checks(context: AssetCheckExecutionContext) -> Iterator[AssetCheckResult]:
+        replication = getattr(context.resources, resource_key)
         for finding in slot_findings(replication, thresholds, context.instance):
             if not finding.passed:
                 log = context.log.error if finding.level is core.Level.ERROR else context.log.warning
                 log(f"{finding.check}: {finding.summary}. {finding.advice}")
-            yield check_result(finding)
+            yield check_result(finding, asset_key)
 
     return slot_health_checks
 
 
-def build_health_job(checks: AssetChecksDefinition, slot_name: str) -> UnresolvedAssetJobDefinition:
+def build_health_job(
+    checks: AssetChecksDefinition, slot_name: str, name: str = HEALTH_JOB
+) -> UnresolvedAssetJobDefinition:
     return define_asset_job(
-        HEALTH_JOB,
+        name,
         selection=AssetSelection.checks(checks),
         description="Evaluates the slot health checks (runs on slot_health_schedule, every minute by default).",
         tags={HEALTH_SLOT_TAG: slot_name},
@@ -139,10 +148,10 @@ def build_health_job(checks: AssetChecksDefinition, slot_name: str) -> Unresolve
 
 
 def build_health_schedule(
-    job: UnresolvedAssetJobDefinition | JobDefinition, cron: str, running: bool
+    job: UnresolvedAssetJobDefinition | JobDefinition, cron: str, running: bool, name: str = HEALTH_SCHEDULE
 ) -> ScheduleDefinition:
     return ScheduleDefinition(
-        name=HEALTH_SCHEDULE,
+        name=name,
         job=job,
         cron_schedule=cron,
         default_status=DefaultScheduleStatus.RUNNING if running else DefaultScheduleStatus.STOPPED,

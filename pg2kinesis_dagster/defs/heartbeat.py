@@ -2,6 +2,8 @@
 ``PG2K_HEARTBEAT_CRON`` is set."""
 # Dagster inspects these annotations at runtime: no "from __future__ import annotations" here.
 
+from typing import Any
+
 from dagster import JobDefinition, OpExecutionContext, in_process_executor, job, op
 
 from pg2kinesis_dagster.core.changes import format_lsn
@@ -17,8 +19,8 @@ def write_heartbeat(context: OpExecutionContext, replication: ReplicationResourc
     context.log.info(f"heartbeat written at {format_lsn(lsn)} for slot {replication.slot_name!r}")
 
 
-def build_heartbeat_job() -> JobDefinition:
-    @job(name=HEARTBEAT_JOB, executor_def=in_process_executor,
+def build_heartbeat_job(name: str = HEARTBEAT_JOB, resource_defs: dict[str, Any] | None = None) -> JobDefinition:
+    @job(name=name, executor_def=in_process_executor, resource_defs=resource_defs,
          description="Writes one heartbeat message into the replicated database.")
     def slot_heartbeat() -> None:
         write_heartbeat()

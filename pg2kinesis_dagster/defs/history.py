@@ -36,7 +36,7 @@ from dagster import (
     op,
 )
 
-from pg2kinesis_dagster.defs.jobs import CHECKPOINT_ASSET, REPLICATION_JOBS, top_tables
+from pg2kinesis_dagster.defs.jobs import REPLICATION_JOBS, checkpoint_key, prefixed, top_tables
 from pg2kinesis_dagster.defs.operating import OPERATING_JOBS
 from pg2kinesis_dagster.spool import Spool
 
@@ -74,14 +74,16 @@ def summarize_checkpoints(metadata: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def build_daily_summary(start_date: str) -> Any:
+def build_daily_summary(start_date: str, replication_name: str = "") -> Any:
     # end_offset=1: today is a partition too (partial until the day ends; the schedule redoes yesterday).
     partitions = DailyPartitionsDefinition(start_date=start_date, timezone="UTC", end_offset=1)
 
+    checkpoint = checkpoint_key(replication_name)
+
     @asset(
-        name=SUMMARY_ASSET,
+        key=AssetKey([replication_name, SUMMARY_ASSET]) if replication_name else AssetKey(SUMMARY_ASSET),
         partitions_def=partitions,
-        group_name="pg2kinesis",
+        group_name=replication_name or "pg2kinesis",
         description="One day of replication in one materialization, from that day's checkpoints: changes, "
                     "records, bytes, windows, the largest lag, changes per table. It outlives the pruned runs.",
     )
@@ -92,7 +94,7 @@ def build_daily_summary(start_date: str) -> Any:
         while True:
             result = context.instance.fetch_materializations(
                 AssetRecordsFilter(
-                    asset_key=AssetKey(CHECKPOINT_ASSET),
+                    asset_key=checkpoint,
                     after_timestamp=window.start.timestamp(),
                     before_timestamp=window.end.timestamp(),
                 ),
@@ -119,6 +121,10 @@ class PruneConfig(Config):
     """Window spools not written for this long (a failed run's, a slot no longer replicated) are deleted."""
     spool_dir: str = ""
     """The spool root to prune (empty: the default, the system's temporary directory)."""
+    spool_dirs: list[str] = []
+    """More spool roots (a code location with several replications prunes each one's)."""
+    job_names: list[str] = []
+    """The jobs whose old runs are deleted (empty: the single replication's jobs, as named without a prefix)."""
 
 
 @op(description="Delete finished replication runs older than the retention period, their events and files, "
@@ -129,7 +135,7 @@ def prune_old_runs(context: OpExecutionContext, config: PruneConfig) -> None:
     storage = Path(instance.storage_directory())
     deleted = 0
     # The health checks, key refresh and heartbeat too: the health checks alone make a run a minute.
-    for job_name in (*REPLICATION_JOBS, *OPERATING_JOBS, PRUNE_JOB):
+    for job_name in (*(config.job_names or (*REPLICATION_JOBS, *OPERATING_JOBS)), PRUNE_JOB):
         records = instance.get_run_records(
             RunsFilter(job_name=job_name, statuses=_FINISHED, updated_before=cutoff),
             limit=MAX_RUNS_PER_PRUNE - deleted,
@@ -144,7 +150,8 @@ def prune_old_runs(context: OpExecutionContext, config: PruneConfig) -> None:
             deleted += 1
         if deleted >= MAX_RUNS_PER_PRUNE:
             break
-    spools = Spool(config.spool_dir or None).prune(config.spool_retention_hours * 3600)
+    roots = dict.fromkeys([config.spool_dir, *config.spool_dirs])
+    spools = [path for root in roots for path in Spool(root or None).prune(config.spool_retention_hours * 3600)]
     context.log.info(f"deleted {deleted} runs finished before {cutoff:%Y-%m-%d %H:%M} UTC and {len(spools)} spools")
     context.add_output_metadata({"runs_deleted": deleted, "spools_deleted": len(spools),
                                  "cutoff": cutoff.isoformat()})
@@ -155,24 +162,35 @@ def prune_history() -> None:
     prune_old_runs()
 
 
-def build_history(
-    *, start_date: str, retention_days: float, spool_dir: str | None, prune_cron: str = "17 * * * *"
+def build_summary(
+    start_date: str, replication_name: str = ""
 ) -> tuple[list[Any], list[JobDefinition], list[ScheduleDefinition]]:
-    """The summary asset, its job and schedule, and the prune job and schedule (both on by default)."""
-    summary = build_daily_summary(start_date)
-    summary_job = define_asset_job("summarize_replication_day", selection=[SUMMARY_ASSET],
+    """A replication's daily summary asset, its job and its schedule (on by default)."""
+    summary = build_daily_summary(start_date, replication_name)
+    summary_job = define_asset_job(prefixed(replication_name, "summarize_replication_day"), selection=[summary.key],
                                    partitions_def=summary.partitions_def)
     summary_schedule = build_schedule_from_partitioned_job(
         summary_job, minute_of_hour=7, hour_of_day=0, default_status=DefaultScheduleStatus.RUNNING,
-        name="summarize_replication_daily",
+        name=prefixed(replication_name, "summarize_replication_daily"),
     )
+    return [summary], [summary_job], [summary_schedule]
+
+
+def build_prune(
+    *, retention_days: float, spool_dirs: list[str], job_names: list[str] | None = None,
+    prune_cron: str = "17 * * * *",
+) -> tuple[list[JobDefinition], list[ScheduleDefinition]]:
+    """The code location's prune job and its hourly schedule: the runs of ``job_names`` and every spool root."""
+    roots = list(dict.fromkeys(spool_dirs))
     prune_schedule = ScheduleDefinition(
         name="prune_history_hourly",
         job=prune_history,
         cron_schedule=prune_cron,
         default_status=DefaultScheduleStatus.RUNNING,
-        run_config={"ops": {"prune_old_runs": {"config": {"retention_days": retention_days,
-                                                          "spool_dir": spool_dir or ""}}}},
+        run_config={"ops": {"prune_old_runs": {"config": {
+            "retention_days": retention_days, "spool_dir": roots[0] if roots else "",
+            "spool_dirs": roots[1:], "job_names": list(job_names or []),
+        }}}},
         description="Deletes finished replication runs older than the retention period (PG2K_RETENTION_DAYS).",
     )
-    return [summary], [summary_job, prune_history], [summary_schedule, prune_schedule]
+    return [prune_history], [prune_schedule]

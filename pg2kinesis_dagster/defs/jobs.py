@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from dagster import (
+    AssetKey,
     AssetMaterialization,
     Config,
     DagsterExecutionInterruptedError,
@@ -50,6 +51,20 @@ MAX_TABLES_SHOWN = 20
 # Dagster's run monitoring fails a run that exceeds this (when monitoring is on in dagster.yaml).
 MAX_RUNTIME_TAG = "dagster/max_runtime"
 DEFAULT_REPLICATE_MAX_RUNTIME_SECONDS = 3600
+
+
+def checkpoint_key(replication_name: str = "") -> AssetKey:
+    """``replication_checkpoint``, prefixed by the replication's name when the code location has several."""
+    return AssetKey([replication_name, CHECKPOINT_ASSET]) if replication_name else AssetKey(CHECKPOINT_ASSET)
+
+
+def prefixed(replication_name: str, name: str) -> str:
+    """A job, sensor or schedule name of a replication: ``orders_db__replicate`` (unprefixed for the only one)."""
+    return f"{replication_name}__{name}" if replication_name else name
+
+
+def unprefixed(name: str) -> str:
+    return name.rpartition("__")[2]
 
 
 def table_counts(counts: dict[str, int], limit: int = MAX_TABLES_SHOWN) -> MetadataValue:
@@ -186,7 +201,7 @@ def advance_slot(
         window.slot, window.start_lsn, end, published.formatted.stats, window.plugin_bytes, lag,
         more_pending=window.limited,
     )
-    context.log_event(AssetMaterialization(asset_key=CHECKPOINT_ASSET, metadata=metadata))
+    context.log_event(AssetMaterialization(asset_key=checkpoint_key(replication.name), metadata=metadata))
 
 
 @graph(description="Replicate one window of committed changes from the slot to Kinesis.")
@@ -194,14 +209,20 @@ def replicate_batch() -> None:
     advance_slot(publish(decode_and_format(peek_batch())))
 
 
-def build_replicate_job(slot_name: str, max_runtime_seconds: int = DEFAULT_REPLICATE_MAX_RUNTIME_SECONDS
-                        ) -> JobDefinition:
-    """The job, tagged with its slot so that the instance runs at most one run per slot at a time."""
+def build_replicate_job(
+    slot_tag: str, max_runtime_seconds: int = DEFAULT_REPLICATE_MAX_RUNTIME_SECONDS, *,
+    name: str = REPLICATE_JOB, resource_defs: dict[str, Any] | None = None,
+) -> JobDefinition:
+    """The job, tagged with its slot so that the instance runs at most one run per slot at a time.
+
+    ``resource_defs``: a replication of a code location with several binds its own ``replication``.
+    """
     return replicate_batch.to_job(
-        name=REPLICATE_JOB,
+        name=name,
         # In-process: a window's steps share the slot's session (and its lock); no process start per op.
         executor_def=in_process_executor,
-        tags={SLOT_TAG: slot_name, MAX_RUNTIME_TAG: str(max_runtime_seconds)},
+        tags={SLOT_TAG: slot_tag, MAX_RUNTIME_TAG: str(max_runtime_seconds)},
+        resource_defs=resource_defs,
     )
 
 
@@ -277,7 +298,8 @@ def replicate_continuously(
     def record(lag: int | None) -> None:
         nonlocal last_recorded
         if pending.windows:
-            context.log_event(AssetMaterialization(asset_key=CHECKPOINT_ASSET, metadata=pending.metadata(lag)))
+            context.log_event(AssetMaterialization(asset_key=checkpoint_key(replication.name),
+                                                   metadata=pending.metadata(lag)))
             pending.reset()
         last_recorded = time.monotonic()
 
@@ -330,11 +352,15 @@ def replicate_continuous_graph() -> None:
     replicate_continuously()
 
 
-def build_continuous_job(slot_name: str, max_runtime_seconds: float = 1800.0) -> JobDefinition:
+def build_continuous_job(
+    slot_tag: str, max_runtime_seconds: float = 1800.0, *,
+    name: str = CONTINUOUS_JOB, resource_defs: dict[str, Any] | None = None,
+) -> JobDefinition:
     return replicate_continuous_graph.to_job(
-        name=CONTINUOUS_JOB,
+        name=name,
+        resource_defs=resource_defs,
         executor_def=in_process_executor,
         config={"ops": {"replicate_continuously": {"config": {"max_runtime_seconds": max_runtime_seconds}}}},
         # Run monitoring's limit: the run's own limit plus time to finish a window.
-        tags={SLOT_TAG: slot_name, MAX_RUNTIME_TAG: str(int(max_runtime_seconds) + 600)},
+        tags={SLOT_TAG: slot_tag, MAX_RUNTIME_TAG: str(int(max_runtime_seconds) + 600)},
     )

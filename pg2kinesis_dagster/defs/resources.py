@@ -6,13 +6,15 @@ empty and let libpq (``PGPASSWORD``, ``~/.pgpass``) and the AWS credential chain
 """
 
 
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Any
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, EnvVar, InitResourceContext
 from dagster_aws.utils import ResourceWithBoto3Configuration
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, create_model
 
-from pg2kinesis_dagster.core import window
+from pg2kinesis_dagster.core.config import POSTGRES_FIELDS, ReplicationConfig, choices_of, meta
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
@@ -27,47 +29,49 @@ def run_application_name(run_id: str) -> str:
     return f"{RUN_APPLICATION_PREFIX}{run_id}"
 
 
-class PostgresResource(ConfigurableResource):
+def model_fields(names: Iterable[str], rename: Callable[[str], str] = lambda name: name) -> dict[str, Any]:
+    """Resource fields generated from the configuration model's (type, default, description): declared once."""
+    fields: dict[str, Any] = {}
+    for name in names:
+        info = ReplicationConfig.model_fields[name]
+        annotation, description = info.annotation, info.description or ""
+        choices = choices_of(annotation)
+        if choices:
+            # Dagster's config has no Literal: a string, checked by the model when the pipeline's settings are built.
+            annotation = str if info.default is not None else str | None
+            description = f"{description} ({' / '.join(choices)})"
+        fields[rename(name)] = (annotation, Field(default=info.default, description=description))
+    return fields
+
+
+class _PostgresResource(ConfigurableResource):
     """A PostgreSQL database with logical decoding. Empty fields fall back to libpq's PG* variables."""
 
-    dsn: str = Field(default="", description="libpq connection string or URI (no password in it)")
-    host: str | None = None
-    port: int | None = None
-    dbname: str | None = None
-    user: str | None = None
     password: str | None = Field(default=None, description="Only ever set with EnvVar(...)")
-    sslmode: str | None = Field(default=None, description="libpq sslmode: disable ... verify-full")
     options: dict[str, str] = Field(
         default_factory=dict, description="Other libpq keywords (sslrootcert, connect_timeout ...)"
     )
 
     def settings(self) -> PostgresSettings:
-        return PostgresSettings(
-            dsn=self.dsn,
-            host=self.host,
-            port=self.port,
-            dbname=self.dbname,
-            user=self.user,
-            password=self.password,
-            sslmode=self.sslmode,
-            options=dict(self.options),
-        )
+        values = {name: getattr(self, name) for name in _POSTGRES_NAMES}
+        return PostgresSettings(**values, password=self.password, options=dict(self.options))
 
 
-class KinesisResource(ResourceWithBoto3Configuration):
+_POSTGRES_NAMES = [name.removeprefix("pg_") for name in POSTGRES_FIELDS]
+# dsn, host, port, dbname, user, sslmode: the model's pg_* fields.
+PostgresResource = create_model(
+    "PostgresResource", __base__=_PostgresResource, __module__=__name__,
+    **model_fields(POSTGRES_FIELDS, lambda name: name.removeprefix("pg_")),
+)
+PostgresResource.__doc__ = _PostgresResource.__doc__
+
+
+class _KinesisResource(ResourceWithBoto3Configuration):
     """A Kinesis data stream, configured like dagster-aws's boto3 resources.
 
     ``endpoint_url`` empty means AWS (or ``AWS_ENDPOINT_URL_KINESIS`` when set).
     """
 
-    stream_name: str = Field(default="pg2kinesis", description="The Kinesis data stream")
-    max_retry_seconds: float = Field(
-        default=300.0, description="Give up (and fail the run, slot untouched) after retrying this long"
-    )
-    aggregate: bool = Field(
-        default=False,
-        description="Pack changes into KPL-aggregated records (consumers deaggregate with the KCL or aws-kinesis-agg)",
-    )
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -90,68 +94,31 @@ class KinesisResource(ResourceWithBoto3Configuration):
         )
 
 
-class ReplicationResource(ConfigurableResource):
+# stream_name, max_retry_seconds, aggregate: the model's; region, endpoint and profile are dagster-aws's.
+KinesisResource = create_model(
+    "KinesisResource", __base__=_KinesisResource, __module__=__name__,
+    **model_fields(("stream_name", "max_retry_seconds", "aggregate")),
+)
+KinesisResource.__doc__ = _KinesisResource.__doc__
+# What the pipeline reads, from the model; recreate_slot is for the CLI only (it drops pending changes).
+REPLICATION_FIELDS = [name for name, info in ReplicationSettings.model_fields.items() if meta(info).get("env")]
+
+
+class _ReplicationResource(ConfigurableResource):
     """One slot replicated into one stream; the ops of a run share its connection and slot lock."""
 
-    postgres: PostgresResource
-    kinesis: KinesisResource
-    slot_name: str = "pg2kinesis"
-    output_plugin: str = Field(default="test_decoding", description="test_decoding, wal2json or pgoutput")
-    publication: str = Field(default="pg2kinesis", description="pgoutput only: the publication to replicate")
-    message_formatter: str = Field(default="CSVPayload", description="CSV, CSVPayload, JSON or pkg.mod:Class")
-    full_change: bool = False
-    typed_json: bool = Field(default=False, description="JSON format: typed values where lossless")
-    oversized: str = Field(default="fail", description="records over 1 MiB: fail (slot untouched) or truncate")
-    table_pat: str | None = Field(default=None, description="Regex searched in schema.table: include")
-    exclude_table_pat: str | None = Field(default=None, description="Regex searched in schema.table: exclude")
-    operations: str | None = Field(default=None, description="e.g. insert,update (default: all)")
-    no_primary_key: str = Field(default="publish", description="publish (keyed by table) or skip")
-    partition_key: str = Field(default="row", description="row, table, xid or constant")
-    partition_key_constant: str = "pg2kinesis"
-    max_changes: int = Field(default=window.DEFAULT_MAX_CHANGES, description="window budget: rows of plugin output")
-    max_bytes: int = Field(default=window.DEFAULT_MAX_BYTES, description="window budget: plugin output bytes")
-    max_seconds: float = Field(default=window.DEFAULT_MAX_SECONDS, description="window budget: seconds reading")
-    chunk_changes: int = Field(
-        default=window.DEFAULT_CHUNK_CHANGES, description="changes per chunk: what memory holds, what a crash resends"
-    )
-    chunk_bytes: int = window.DEFAULT_CHUNK_BYTES
-    spool_dir: str | None = Field(default=None, description="local folder for the window (default: system temp)")
-    create_slot: bool = False
-    exclude_columns: str | None = Field(
-        default=None, description="Columns never published: schema.table:col,col;... (key columns cannot be)"
-    )
-    key_refresh_seconds: float = Field(
-        default=3600.0, description="Re-read primary keys from the catalog at least this often (seconds)"
-    )
+    # postgres: PostgresResource and kinesis: KinesisResource, declared with the generated classes below.
+    name: str = Field(default="", description="The replication's name in the code location (empty: the only one)")
 
     _replicator: Replicator | None = PrivateAttr(default=None)
     _run_id: str | None = PrivateAttr(default=None)
 
     def replication_settings(self) -> ReplicationSettings:
-        return ReplicationSettings(
-            slot_name=self.slot_name,
-            output_plugin=self.output_plugin,
-            publication=self.publication,
-            message_formatter=self.message_formatter,
-            full_change=self.full_change,
-            typed_json=self.typed_json,
-            oversized=self.oversized,
-            table_pat=self.table_pat,
-            exclude_table_pat=self.exclude_table_pat,
-            operations=self.operations,
-            no_primary_key=self.no_primary_key,
-            partition_key=self.partition_key,
-            partition_key_constant=self.partition_key_constant,
-            max_changes=self.max_changes,
-            max_bytes=self.max_bytes,
-            max_seconds=self.max_seconds,
-            chunk_changes=self.chunk_changes,
-            chunk_bytes=self.chunk_bytes,
-            spool_dir=self.spool_dir,
-            create_slot=self.create_slot,
-            key_refresh_seconds=self.key_refresh_seconds,
-            exclude_columns=self.exclude_columns,
-        )
+        return ReplicationSettings(**{name: getattr(self, name) for name in REPLICATION_FIELDS})
+
+    def slot_tag(self) -> str:
+        """The value of the run tag that holds the instance to one run per slot."""
+        return slot_tag(self.name, self.slot_name)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self._run_id = context.run_id
@@ -172,3 +139,36 @@ class ReplicationResource(ConfigurableResource):
         if self._replicator is not None:
             self._replicator.close()
             self._replicator = None
+
+
+ReplicationResource = create_model(
+    "ReplicationResource", __base__=_ReplicationResource, __module__=__name__,
+    postgres=(PostgresResource, ...), kinesis=(KinesisResource, ...), **model_fields(REPLICATION_FIELDS),
+)
+ReplicationResource.__doc__ = _ReplicationResource.__doc__
+
+
+def slot_tag(replication_name: str, slot_name: str) -> str:
+    """One run per slot: the slot's name, qualified by the replication's (two databases may have equal slot names)."""
+    return f"{replication_name}.{slot_name}" if replication_name else slot_name
+
+
+def build_replication_resources(name: str, config: ReplicationConfig) -> dict[str, Any]:
+    """The resources of one replication of the model: its database, its stream, and the two together."""
+    postgres = PostgresResource(
+        **config.postgres_fields(),
+        # Through EnvVar only: the UI and run config show the variable's name, never the value.
+        password=EnvVar(config.pg_password_env) if config.pg_password_env else None,
+    )
+    kinesis = KinesisResource(
+        stream_name=config.stream_name,
+        region_name=config.aws_region,
+        endpoint_url=config.kinesis_endpoint_url,
+        profile_name=config.aws_profile,
+        max_retry_seconds=config.max_retry_seconds,
+        aggregate=config.aggregate,
+    )
+    replication = ReplicationResource(
+        postgres=postgres, kinesis=kinesis, name=name, **{f: getattr(config, f) for f in REPLICATION_FIELDS}
+    )
+    return {"postgres": postgres, "kinesis": kinesis, "replication": replication}

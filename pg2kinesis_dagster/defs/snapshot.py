@@ -2,7 +2,9 @@
 
 ``table_snapshot`` is partitioned by table. By default its partitions are the catalog's tables with a primary
 key (dynamic partitions, kept in step by the ``snapshot_tables_sensor``, every 5 minutes); with
-``PG2K_SNAPSHOT_TABLES`` set (``schema.table,...``) they are exactly those (static). Launching a backfill of
+``snapshot_tables`` set (``PG2K_SNAPSHOT_TABLES=schema.table,...``) they are exactly those (static). A named
+replication of a configuration file gets its own, prefixed: asset ``["orders_db", "table_snapshot"]``,
+sensor ``orders_db__snapshot_tables_sensor``. Launching a backfill of
 the chosen partitions in the UI is the whole gesture: each run snapshots one table into the slot
 (:mod:`pg2kinesis_dagster.postgres.snapshot`), logs every chunk (rows so far, rows/s) and records the table's
 rows, chunks, seconds and rate as the partition's materialization. A failed table is rerun alone (its
@@ -15,10 +17,12 @@ alongside replication instead of queueing behind it.
 """
 # Dagster inspects these annotations at runtime: no "from __future__ import annotations" here.
 
-from collections.abc import Sequence
+
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
     AssetsDefinition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
@@ -33,33 +37,43 @@ from dagster import (
     sensor,
 )
 
+from pg2kinesis_dagster.core.config import ReplicationConfig
+from pg2kinesis_dagster.defs.jobs import prefixed
 from pg2kinesis_dagster.defs.resources import PostgresResource, ReplicationResource
 from pg2kinesis_dagster.postgres.catalog import load_table_keys
-from pg2kinesis_dagster.postgres.snapshot import DEFAULT_CHUNK_ROWS, SnapshotProgress, TableSnapshot, sql_name
+from pg2kinesis_dagster.postgres.snapshot import SnapshotProgress, TableSnapshot, sql_name
 
 SNAPSHOT_ASSET = "table_snapshot"
 SNAPSHOT_TABLES_PARTITIONS = "pg2kinesis_snapshot_tables"
 
 
 def build_snapshot_definitions(
-    tables: Sequence[str] | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, sync_running: bool = True,
+    config: ReplicationConfig, *, replication_name: str = "", replication_key: str = "replication",
+    postgres_key: str = "postgres",
 ) -> tuple[list[AssetsDefinition], list[SensorDefinition]]:
-    """The ``table_snapshot`` asset; with ``tables`` its static partitions, otherwise dynamic partitions and the
-    sensor that keeps them equal to the catalog's tables with a primary key."""
+    """The ``table_snapshot`` asset of one replication; with ``snapshot_tables`` its static partitions, otherwise
+    dynamic partitions and the sensor that keeps them equal to the catalog's tables with a primary key.
+    ``*_key``: the replication's resource keys (a named replication's are prefixed)."""
+    tables = config.snapshot_table_list()
     partitions: PartitionsDefinition
     sensors: list[SensorDefinition] = []
     if tables:
-        partitions = StaticPartitionsDefinition(list(dict.fromkeys(tables)))
+        partitions = StaticPartitionsDefinition(tables)
     else:
-        dynamic = DynamicPartitionsDefinition(name=SNAPSHOT_TABLES_PARTITIONS)
+        dynamic = DynamicPartitionsDefinition(name=prefixed(replication_name, SNAPSHOT_TABLES_PARTITIONS))
         partitions = dynamic
-        sensors.append(_build_sync_sensor(dynamic, sync_running))
+        sensors.append(_build_sync_sensor(dynamic, config.snapshot_sync_running, replication_name, postgres_key))
+    chunk_rows, chunk_bytes = config.snapshot_chunk_rows, config.snapshot_chunk_bytes
+    state_dir = config.snapshot_state_folder()
 
-    @asset(name=SNAPSHOT_ASSET, partitions_def=partitions, group_name="pg2kinesis")
-    def table_snapshot(context: AssetExecutionContext, replication: ReplicationResource) -> MaterializeResult:
+    @asset(name=SNAPSHOT_ASSET, key_prefix=[replication_name] if replication_name else None,
+           partitions_def=partitions, group_name=replication_name or "pg2kinesis",
+           required_resource_keys={replication_key})
+    def table_snapshot(context: AssetExecutionContext) -> MaterializeResult:
         """The rows of one table (the partition) queued into the slot, in order with the stream: chunks by
         primary key between two WAL watermarks; the replication runs publish them as SNAPSHOT records. The
         role needs SELECT on the table. Rerun a failed partition to resume it."""
+        replication: ReplicationResource = getattr(context.resources, replication_key)
         table = context.partition_key
 
         def on_chunk(progress: SnapshotProgress) -> None:
@@ -68,7 +82,7 @@ def build_snapshot_definitions(
 
         snapshot = TableSnapshot(
             replication.postgres_settings(), table, slot_name=replication.slot_name, chunk_rows=chunk_rows,
-            state_dir=f"{replication.spool_dir}/.snapshots" if replication.spool_dir else None,
+            chunk_bytes=chunk_bytes, state_dir=state_dir,
             publication=replication.publication,
         )
         progress = snapshot.run(on_chunk=on_chunk)
@@ -86,12 +100,17 @@ def build_snapshot_definitions(
     return [table_snapshot], sensors
 
 
-def _build_sync_sensor(partitions: DynamicPartitionsDefinition, running: bool) -> SensorDefinition:
-    @sensor(name="snapshot_tables_sensor", minimum_interval_seconds=300, asset_selection=[SNAPSHOT_ASSET],
+def _build_sync_sensor(partitions: DynamicPartitionsDefinition, running: bool, replication_name: str,
+                       postgres_key: str) -> SensorDefinition:
+    asset_key = AssetKey([replication_name, SNAPSHOT_ASSET] if replication_name else [SNAPSHOT_ASSET])
+
+    @sensor(name=prefixed(replication_name, "snapshot_tables_sensor"), minimum_interval_seconds=300,
+            asset_selection=[asset_key], required_resource_keys={postgres_key},
             default_status=DefaultSensorStatus.RUNNING if running else DefaultSensorStatus.STOPPED)
-    def snapshot_tables_sensor(context: SensorEvaluationContext, postgres: PostgresResource
-                               ) -> SensorResult | SkipReason:
+    def snapshot_tables_sensor(context: SensorEvaluationContext, **resources: Any) -> SensorResult | SkipReason:
         """Keeps table_snapshot's partitions equal to the catalog's tables that have a primary key."""
+        # Called directly (tests), Dagster passes the required resources as arguments; the daemon does not.
+        postgres: PostgresResource = resources.get(postgres_key) or getattr(context.resources, postgres_key)
         wanted = sorted(sql_name(key.schema, key.table) for key in load_table_keys(postgres.settings()).values()
                         if key.has_primary_key)
         assert partitions.name is not None

@@ -365,6 +365,29 @@ def code_location_jobs(env: Mapping[str, str], repo_root: Path = REPO_ROOT, time
 # -- the daemon ----------------------------------------------------------------------------------------
 
 
+def _storage_kind(dagster_yaml: Path) -> str:
+    """The top-level storage of an instance's settings: "sqlite" (the default) or "postgres"."""
+    import yaml
+
+    settings = yaml.safe_load(dagster_yaml.read_text()) or {}
+    storage = settings.get("storage") or {}
+    return next(iter(storage), "sqlite") if isinstance(storage, dict) else "sqlite"
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Any:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class DaemonError(RuntimeError):
     """The daemon could not start, or died."""
 
@@ -379,6 +402,8 @@ class DagsterDaemon:
             there). Default: a temporary folder, deleted on :meth:`stop`. A given folder is kept.
         repo_root: where ``workspace.yaml`` and ``dagster.yaml`` are (the daemon's working directory).
         dagster_yaml: the instance settings to copy; default the repository's shipped ``dagster.yaml``.
+            With PostgreSQL storage (``deploy/dagster.yaml``), ``env`` carries its ``DAGSTER_PG_*`` values; the
+            harness creates Dagster's tables before the daemon starts (see :meth:`start`).
     """
 
     def __init__(
@@ -402,6 +427,7 @@ class DagsterDaemon:
         self._proc: subprocess.Popen[bytes] | None = None
         self._instance: DagsterInstance | None = None
         self.started_at: float | None = None  # time.time() when the process was started
+        self.postgres_storage = "postgres" in _storage_kind(self.dagster_yaml)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -438,6 +464,9 @@ class DagsterDaemon:
         self._home.mkdir(parents=True, exist_ok=True)
         if not (self._home / "dagster.yaml").exists():
             shutil.copy(self.dagster_yaml, self._home / "dagster.yaml")
+        if self.postgres_storage and self._instance is None:
+            # Tables first, from here: the daemon then finds them, and nothing races to create them.
+            self._instance = self._open_instance()
         if self._log_path is None:
             # Outside DAGSTER_HOME, so that the daemon's own log never counts as Dagster storage.
             self._log_dir = Path(tempfile.mkdtemp(prefix="pg2k-dagster-daemon-log-"))
@@ -496,12 +525,17 @@ class DagsterDaemon:
         :meth:`storage_initialized`.
         """
         if self._instance is None:
-            if self.running:
+            if self.running and not self.postgres_storage:
                 wait_for(lambda: self.check_alive() or self.storage_initialized(), timeout,
                          "dagster-daemon to create its storage", interval=0.1)
-            ref = InstanceRef.from_dir(str(self.home))
-            self._instance = _sqlite_retrying(lambda: DagsterInstance.from_ref(ref))
+            self._instance = self._open_instance()
         return self._instance
+
+    def _open_instance(self) -> DagsterInstance:
+        # dagster.yaml's env: values are read from this process's environment: the daemon's, for the moment.
+        with _environment(self.env):
+            ref = InstanceRef.from_dir(str(self.home))
+            return _sqlite_retrying(lambda: DagsterInstance.from_ref(ref))
 
     def wait_until_ready(self, timeout: float = 180, daemons: Sequence[str] = ("SENSOR",)) -> None:
         """Until each daemon in ``daemons`` has sent a heartbeat (the process loaded the workspace)."""

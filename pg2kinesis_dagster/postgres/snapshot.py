@@ -39,6 +39,8 @@ from psycopg2 import sql
 
 from pg2kinesis_dagster.core.errors import ConfigError, SourceError
 from pg2kinesis_dagster.core.snapshot import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CHUNK_ROWS,
     FLUSH_PREFIX,
     SNAPSHOT_PREFIX,
     Session,
@@ -51,9 +53,6 @@ from pg2kinesis_dagster.spool import default_spool_root, slot_key
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_ROWS = 5_000
-# A chunk's rows travel in one WAL message and one decoded row of the spool: bounded in bytes too.
-DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_WRITER_WAIT_SECONDS = 300.0
 # How long an open chunk waits for the table's writers before it steps aside (replication waits meanwhile).
 HOLD_SECONDS = 2.0
