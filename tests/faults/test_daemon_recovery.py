@@ -20,7 +20,7 @@ from tests.faults.harness import LONG, report_line
 from tests.helpers import confirmed_flush, read_json
 
 SLOT = "recovery_slot"
-ROWS = 40_000
+ROWS = 15_000
 # The bound: replication resumes by itself within two minutes of the kill.
 RESUME_WITHIN_SECONDS = 120
 
@@ -58,7 +58,7 @@ def test_a_killed_run_worker_is_failed_and_replication_resumes(
         end = parse_lsn(cur.fetchone()[0])
     # Plain records in small chunks: the run publishes for a while, checkpointing as it goes.
     env = code_location_env(pg_server, pg_database, moto_server, slot=SLOT, stream=kinesis_stream,
-                            PG2K_MESSAGE_FORMATTER="JSON", PG2K_SENSOR_RUNNING="1", PG2K_CHUNK_CHANGES="1000")
+                            PG2K_MESSAGE_FORMATTER="JSON", PG2K_SENSOR_RUNNING="1", PG2K_CHUNK_CHANGES="500")
     with DagsterDaemon(env) as daemon:
         try:
             daemon.wait_until_ready(timeout=120)
@@ -101,4 +101,4 @@ def test_a_killed_run_worker_is_failed_and_replication_resumes(
     assert resumed_after <= RESUME_WITHIN_SECONDS, resumed_after
     assert sorted({int(r["pk"]["id"]) for r in records}) == list(range(1, ROWS + 1)), "a change was lost"
     # Duplicates only from the chunk in flight at the kill (and the checkpoint that did not happen).
-    assert len(records) - len({r["id"] for r in records}) <= 2 * 1000 + 1000
+    assert len(records) - len({r["id"] for r in records}) <= 3 * 500
