@@ -25,6 +25,7 @@ Guarantees, and what makes them hold:
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,8 @@ from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRIN
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 from pg2kinesis_dagster.spool import RowWriter, Spool, WindowSpool, slot_key
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -353,12 +356,17 @@ class Replicator:
             live = self.slot.live_sessions(list(set(scan.open.values())))
             dead = sorted(chunk for chunk, session in scan.open.items() if session not in live)
             if not dead:
+                log.info("window %s..%s ends before a live snapshot chunk at %s (open %s)", format_lsn(scan.start_lsn),
+                         format_lsn(upto_lsn), format_lsn(scan.last_commit or 0), scan.open)
                 break  # a snapshot chunk in the making: the window ends before its low watermark
             flushed = self.slot.current_wal_lsn()
             if not extended and flushed > upto_lsn:
                 # Their snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
                 extended, upto_lsn = True, flushed
                 continue
+            log.warning("snapshot chunks %s: low watermark without a high one and their session is gone: abandoned "
+                        "(window %s..%s, live sessions %s, open %s)", dead, format_lsn(scan.start_lsn),
+                        format_lsn(upto_lsn), sorted(live), scan.open)
             abandoned = (*abandoned, *dead)
         window = PeekedWindow(
             slot=self.slot.name,
@@ -489,6 +497,10 @@ class Replicator:
                         chunk = RecordChunk()
             except DecodeError as exc:
                 raise exc.with_slot(window.slot) from None
+        if merger.stats.orphan_high:
+            log.warning("window %s..%s (advance to %s, abandoned %s): %d snapshot high watermarks without a low one",
+                        format_lsn(window.start_lsn), format_lsn(window.upto_lsn),
+                        format_lsn(window.advance_to or 0), window.abandoned_chunks, merger.stats.orphan_high)
         if chunk.records or chunk.advance_to is not None:
             spool.write_record_chunk(len(infos), chunk)
             infos.append(chunk.info(len(infos)))
