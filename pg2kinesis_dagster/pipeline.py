@@ -345,7 +345,9 @@ class Replicator:
         """
         started = time.perf_counter()
         nchanges = budget.max_changes if budget else None
-        extended = False
+        # Open chunks whose session was found gone, and the flushed WAL position right after: a high watermark
+        # that session wrote and saw flushed lies before it.
+        dead_at: dict[str, int] = {}
         while True:
             scan = self._scan(spool, upto_lsn, budget, nchanges, set(abandoned))
             if not scan.open or budget is None:
@@ -359,15 +361,18 @@ class Replicator:
                 log.info("window %s..%s ends before a live snapshot chunk at %s (open %s)", format_lsn(scan.start_lsn),
                          format_lsn(upto_lsn), format_lsn(scan.last_commit or 0), scan.open)
                 break  # a snapshot chunk in the making: the window ends before its low watermark
-            flushed = self.slot.current_wal_lsn()
-            if not extended and flushed > upto_lsn:
-                # Their snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
-                extended, upto_lsn = True, flushed
-                continue
-            log.warning("snapshot chunks %s: low watermark without a high one and their session is gone: abandoned "
-                        "(window %s..%s, live sessions %s, open %s)", dead, format_lsn(scan.start_lsn),
-                        format_lsn(upto_lsn), sorted(live), scan.open)
-            abandoned = (*abandoned, *dead)
+            ripe = [chunk for chunk in dead if chunk in dead_at and dead_at[chunk] <= upto_lsn]
+            if not ripe:
+                flushed = self.slot.current_wal_lsn()  # read after the sessions were found gone
+                for chunk in dead:
+                    dead_at.setdefault(chunk, flushed)
+                if flushed > upto_lsn:
+                    upto_lsn = flushed  # their high watermarks, if they wrote them to the end, are before it
+                    continue
+                ripe = dead
+            log.warning("snapshot chunks %s: low watermark without a high one in the WAL flushed after their session "
+                        "ended: abandoned (window %s..%s)", ripe, format_lsn(scan.start_lsn), format_lsn(upto_lsn))
+            abandoned = (*abandoned, *ripe)
         window = PeekedWindow(
             slot=self.slot.name,
             window_id=spool.window_id,
