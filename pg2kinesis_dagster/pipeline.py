@@ -27,6 +27,7 @@ Guarantees, and what makes them hold:
 from __future__ import annotations
 
 import gc
+import logging
 import queue
 import threading
 import time
@@ -69,6 +70,8 @@ from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRIN
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 from pg2kinesis_dagster.spool import RowWriter, Spool, WindowSpool, slot_key
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -362,7 +365,9 @@ class Replicator:
         """
         started = time.perf_counter()
         nchanges = budget.max_changes if budget else None
-        extended = False
+        # Open chunks whose session was found gone, and the flushed WAL position right after: a high watermark
+        # that session wrote and saw flushed lies before it.
+        dead_at: dict[str, int] = {}
         while True:
             scan = self._scan(spool, upto_lsn, budget, nchanges, set(abandoned))
             if not scan.open or budget is None:
@@ -373,13 +378,21 @@ class Replicator:
             live = self.slot.live_sessions(list(set(scan.open.values())))
             dead = sorted(chunk for chunk, session in scan.open.items() if session not in live)
             if not dead:
+                log.info("window %s..%s ends before a live snapshot chunk at %s (open %s)", format_lsn(scan.start_lsn),
+                         format_lsn(upto_lsn), format_lsn(scan.last_commit or 0), scan.open)
                 break  # a snapshot chunk in the making: the window ends before its low watermark
-            flushed = self.slot.current_wal_lsn()
-            if not extended and flushed > upto_lsn:
-                # Their snapshotter is gone; its high watermark, if it wrote one, is flushed by now.
-                extended, upto_lsn = True, flushed
-                continue
-            abandoned = (*abandoned, *dead)
+            ripe = [chunk for chunk in dead if chunk in dead_at and dead_at[chunk] <= upto_lsn]
+            if not ripe:
+                flushed = self.slot.current_wal_lsn()  # read after the sessions were found gone
+                for chunk in dead:
+                    dead_at.setdefault(chunk, flushed)
+                if flushed > upto_lsn:
+                    upto_lsn = flushed  # their high watermarks, if they wrote them to the end, are before it
+                    continue
+                ripe = dead
+            log.warning("snapshot chunks %s: low watermark without a high one in the WAL flushed after their session "
+                        "ended: abandoned (window %s..%s)", ripe, format_lsn(scan.start_lsn), format_lsn(upto_lsn))
+            abandoned = (*abandoned, *ripe)
         window = PeekedWindow(
             slot=self.slot.name,
             window_id=spool.window_id,
@@ -518,6 +531,10 @@ class Replicator:
                         chunk = RecordChunk()
             except DecodeError as exc:
                 raise exc.with_slot(window.slot) from None
+        if merger.stats.orphan_high:
+            log.warning("window %s..%s (advance to %s, abandoned %s): %d snapshot high watermarks without a low one",
+                        format_lsn(window.start_lsn), format_lsn(window.upto_lsn),
+                        format_lsn(window.advance_to or 0), window.abandoned_chunks, merger.stats.orphan_high)
         if chunk.records or chunk.advance_to is not None:
             yield chunk
 

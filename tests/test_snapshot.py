@@ -356,3 +356,39 @@ def test_pgoutput_snapshot_needs_the_table_in_the_publication(
     with pytest.raises(SnapshotError, match=r"ALTER PUBLICATION only_inside ADD TABLE public\.outside"):
         TableSnapshot(settings, "public.outside", publication="only_inside").run()
     assert TableSnapshot(settings, "public.inside", publication="only_inside").run().done
+
+
+def test_a_chunk_finished_after_the_window_bound_by_a_session_now_gone_is_published(
+    pg_server: PostgresServer, pg_database: str, pg_conn: psycopg2.extensions.connection,
+    moto_server: MotoServer, kinesis_stream: str,
+) -> None:
+    """Found open at the window's end with its session gone, a chunk is abandoned only if its high watermark is not
+    in the WAL flushed after that was seen: here an orphan makes the window extend once, and the next chunk's
+    snapshotter writes its high watermark and ends right after -- the chunk must still be published."""
+    with pg_conn.cursor() as cur:
+        cur.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+    columns = [("id", "integer"), ("v", "text")]
+    with make_replicator(pg_server, pg_database, moto_server, kinesis_stream) as replicator:
+        replicator.prepare()
+        orphan = pg_server.connect(pg_database)
+        _emit(orphan, encode_low("a", "public", "t", ["id"], _session(orphan)))
+        orphan.close()
+        bound = replicator.slot.current_wal_lsn()  # the window's bound: after a, before b
+        late = pg_server.connect(pg_database)
+        _emit(late, encode_low("b", "public", "t", ["id"], _session(late)))
+        real_current = replicator.slot.current_wal_lsn
+        finished: list[int] = []
+
+        def current_then_finish_b() -> int:
+            lsn = real_current()
+            if not finished:  # the window found a gone and extends to here: then b completes and ends
+                finished.append(_emit(late, encode_high("b", "public", "t", ["id"], columns,
+                                                        encode_copy_rows([["7", "late chunk row"]]), "now")))
+                late.close()
+            return lsn
+
+        replicator.slot.current_wal_lsn = current_then_finish_b  # type: ignore[method-assign]
+        result = replicator.drain(upto_lsn=bound)
+        assert finished and result.stats.by_table_op == {"public.t SNAPSHOT": 1}
+    (record,) = read_changes(moto_server, kinesis_stream)
+    assert (record["op"], record["after"]) == ("SNAPSHOT", {"id": "7", "v": "late chunk row"})
