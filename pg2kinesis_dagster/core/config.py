@@ -252,6 +252,12 @@ class ReplicationConfig(ReplicationSettings):
                                    group="dagster")
     sensor_interval_seconds: int = setting(5, "seconds between the replication sensor's ticks", group="dagster",
                                            gt=0)
+    dead_run_grace_seconds: float = setting(
+        45.0, "a STARTED run gets this long to open its PostgreSQL session before the sensor looks for it",
+        group="dagster", gt=0)
+    dead_run_after_seconds: float = setting(
+        15.0, "the sensor fails a STARTED run whose sessions have all been gone this long (its process died)",
+        group="dagster", gt=0)
     schedule_cron: str = setting("*/5 * * * *", "cron of replicate_schedule (off by default)", group="dagster",
                                  min_length=1)
     summary_start_date: date = setting(date(2026, 1, 1), "first day of replication_daily_summary's partitions",

@@ -83,7 +83,9 @@ def build_replication(scope: ReplicationScope) -> Definitions:
     continuous = build_continuous_job(scope.slot_tag, config.continuous_max_runtime_seconds,
                                       name=scope.named(CONTINUOUS_JOB), resource_defs=scope.job_resources)
     settings = SensorSettings(mode=config.mode, continuous_max_runtime_seconds=config.continuous_max_runtime_seconds,
-                              replicate_job=job.name, continuous_job=continuous.name)
+                              replicate_job=job.name, continuous_job=continuous.name,
+                              session_grace_seconds=config.dead_run_grace_seconds,
+                              dead_after_seconds=config.dead_run_after_seconds)
     sensor = build_sensor([job, continuous], default_running=config.sensor_running,
                           interval_seconds=config.sensor_interval_seconds, settings=settings,
                           name=scope.named("replication_sensor"), resource_key=scope.resource_key("replication"))

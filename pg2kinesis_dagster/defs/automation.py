@@ -31,6 +31,7 @@ from dagster import (
 )
 
 from pg2kinesis_dagster.core.changes import format_lsn
+from pg2kinesis_dagster.core.config import ReplicationConfig
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.defs.handles import HANDLE_METADATA_KEY, decode_handle
 from pg2kinesis_dagster.defs.jobs import CONTINUOUS_JOB, REPLICATE_JOB
@@ -43,10 +44,10 @@ IN_FLIGHT = [*QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, Dagst
 # With no change pending, a run is still worth it once this much WAL waits behind the slot:
 # advancing an idle slot lets PostgreSQL recycle WAL written by other databases and checkpoints.
 IDLE_LAG_BYTES = 64 * 1024 * 1024
-# A STARTED run gets this long to open its session before its absence means anything.
-SESSION_GRACE_SECONDS = 45.0
+# A STARTED run gets this long to open its session before its absence means anything ...
+SESSION_GRACE_SECONDS: float = ReplicationConfig.model_fields["dead_run_grace_seconds"].default
 # ... and is declared dead after its session has been missing this long (several ticks).
-DEAD_AFTER_SECONDS = 15.0
+DEAD_AFTER_SECONDS: float = ReplicationConfig.model_fields["dead_run_after_seconds"].default
 # A continuous run this close to its end gets its successor queued.
 CONTINUOUS_HANDOVER_SECONDS = 60.0
 MODES = ("micro", "continuous")
@@ -59,6 +60,9 @@ class SensorSettings:
     # The replication's jobs (prefixed by its name when the code location has several).
     replicate_job: str = REPLICATE_JOB
     continuous_job: str = CONTINUOUS_JOB
+    # A STARTED run whose sessions have been missing this long after this grace is failed (dead_run_* settings).
+    session_grace_seconds: float = SESSION_GRACE_SECONDS
+    dead_after_seconds: float = DEAD_AFTER_SECONDS
 
 
 def _cursor(context: SensorEvaluationContext) -> dict[str, float]:
@@ -85,14 +89,16 @@ def _peeked_more(context: SensorEvaluationContext, record: RunRecord) -> bool:
 
 
 def fail_dead_runs(
-    context: SensorEvaluationContext, slot: ReplicationSlot, records: list[RunRecord], now: float
+    context: SensorEvaluationContext, slot: ReplicationSlot, records: list[RunRecord], now: float,
+    settings: SensorSettings | None = None,
 ) -> tuple[list[RunRecord], dict[str, float]]:
     """Mark failed the STARTED runs whose PostgreSQL session has been gone too long; return the live ones."""
+    settings = settings or SensorSettings()
     missing_since = _cursor(context)
     started = [
         r for r in records
         if r.dagster_run.status == DagsterRunStatus.STARTED
-        and r.start_time is not None and now - r.start_time > SESSION_GRACE_SECONDS
+        and r.start_time is not None and now - r.start_time > settings.session_grace_seconds
     ]
     present = slot.sessions_named([run_application_name(r.dagster_run.run_id) for r in started])
     still_missing: dict[str, float] = {}
@@ -102,7 +108,7 @@ def fail_dead_runs(
         if run_application_name(run_id) in present:
             continue
         since = missing_since.get(run_id, now)
-        if now - since < DEAD_AFTER_SECONDS:
+        if now - since < settings.dead_after_seconds:
             still_missing[run_id] = since
             continue
         state = slot.state()
@@ -131,7 +137,7 @@ def slot_run_request(
     in_flight = list(context.instance.get_run_records(RunsFilter(tags=tags, statuses=IN_FLIGHT)))
     plugin = replication.output_plugin
     with ReplicationSlot(replication.postgres.settings(), slot_name, plugin) as slot:
-        in_flight, missing = fail_dead_runs(context, slot, in_flight, now)
+        in_flight, missing = fail_dead_runs(context, slot, in_flight, now, settings)
         cursor = json.dumps({"missing_since": missing})
         continuous_job = settings.continuous_job
         job = continuous_job if settings.mode == "continuous" else settings.replicate_job

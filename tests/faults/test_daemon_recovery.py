@@ -58,7 +58,9 @@ def test_a_killed_run_worker_is_failed_and_replication_resumes(
         end = parse_lsn(cur.fetchone()[0])
     # Plain records in small chunks: the run publishes for a while, checkpointing as it goes.
     env = code_location_env(pg_server, pg_database, moto_server, slot=SLOT, stream=kinesis_stream,
-                            PG2K_MESSAGE_FORMATTER="JSON", PG2K_SENSOR_RUNNING="1", PG2K_CHUNK_CHANGES="500")
+                            PG2K_MESSAGE_FORMATTER="JSON", PG2K_SENSOR_RUNNING="1", PG2K_CHUNK_CHANGES="500",
+                            # Shorter than the defaults (45 s, 15 s): the same detection, sooner.
+                            PG2K_DEAD_RUN_GRACE_SECONDS="15", PG2K_DEAD_RUN_AFTER_SECONDS="6")
     with DagsterDaemon(env) as daemon:
         try:
             daemon.wait_until_ready(timeout=120)
