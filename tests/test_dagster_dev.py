@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
+from pg2kinesis_dagster.devstack.daemon import wait_for as devstack_wait_for
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer, free_port
 from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
@@ -37,14 +37,11 @@ CHECKPOINTS = """
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """The devstack's bounded wait, polling every 0.5 s, failing the test (AssertionError)."""
+    try:
+        return devstack_wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg2
 
 from pg2kinesis_dagster.core.changes import parse_lsn
+from pg2kinesis_dagster.devstack.daemon import wait_for
 from pg2kinesis_dagster.devstack.postgres import PostgresServer, PostgresServerError
 from pg2kinesis_dagster.devstack.workload import LedgerTransaction, run_sample_workload
 
@@ -55,15 +56,11 @@ PROFILE = (
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)  # polling interval of a bounded wait
+    """:func:`~pg2kinesis_dagster.devstack.daemon.wait_for` polling every 20 ms, failing the test (AssertionError)."""
+    try:
+        return wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def report_line(name: str, data: dict[str, Any]) -> None:
