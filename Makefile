@@ -8,11 +8,14 @@ STAMP  := $(VENV)/.installed
 	system-deps clean
 
 # Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
-$(STAMP): pyproject.toml
+# The native accelerators (Cython, setup.py) are compiled by the same install; here a failed compile is an
+# error (PG2K_REQUIRE_NATIVE=1), where a plain `pip install` would fall back to the pure-Python path.
+NATIVE := $(shell find pg2kinesis_dagster -name '_*.pyx')
+$(STAMP): pyproject.toml setup.py $(NATIVE)
 	./scripts/install-system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	PG2K_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
