@@ -63,13 +63,14 @@ from pg2kinesis_dagster.core.window import (
     WindowBudget,
     change_index,
 )
+from pg2kinesis_dagster.core.window_scan import copy_window_writer
 from pg2kinesis_dagster.kinesis.sink import KinesisSink
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
-from pg2kinesis_dagster.spool import RowWriter, Spool, WindowSpool, slot_key
+from pg2kinesis_dagster.spool import Spool, WindowSpool, slot_key
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class _Scan:
     """One pass of the slot's rows into a window's spool (see Replicator._read_window)."""
 
     start_lsn: int
-    writer: RowWriter
+    # Writes the spool's rows manifest; returns the number of row files.
+    finish_rows: Callable[[dict[str, object]], int]
     # The last place the window may end and the slot may advance to: a commit or a high watermark with no
     # snapshot chunk open; the rows and bytes up to it.
     last_commit: int | None = None
@@ -408,16 +410,22 @@ class Replicator:
             seconds=time.perf_counter() - started,
             abandoned_chunks=tuple(abandoned),
         )
-        scan.writer.finish(window.to_dict())
-        return replace(window, row_chunks=scan.writer.chunks)
+        return replace(window, row_chunks=scan.finish_rows(window.to_dict()))
 
     def _scan(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None, nchanges: int | None,
               abandoned: set[str]) -> _Scan:
+        if self.settings.output_plugin != "pgoutput":
+            return self._scan_copy(spool, upto_lsn, budget, nchanges, abandoned)
         state = self.slot.state()
         chunk_rows = budget.chunk_changes if budget else self.budget.chunk_changes
+        writer = spool.start_rows(chunk_rows, self.budget.chunk_bytes)
+
+        def finish_rows(manifest: dict[str, object]) -> int:
+            writer.finish(manifest)
+            return writer.chunks
+
         scan = _Scan(start_lsn=(state.confirmed_flush_lsn if state is not None else None) or 0,
-                     writer=spool.start_rows(chunk_rows, self.budget.chunk_bytes))
-        writer = scan.writer
+                     finish_rows=finish_rows)
         is_commit = self.decoder.is_commit
         plugin = self.settings.output_plugin
         open_chunks = scan.open
@@ -460,6 +468,61 @@ class Replicator:
         finally:
             reader.close()
         scan.rows_read = rows
+        if budget is not None and scan.committed_rows >= budget.max_changes:
+            scan.limited = True  # PostgreSQL stopped at upto_nchanges: more may be pending
+        return scan
+
+    def _scan_copy(self, spool: WindowSpool, upto_lsn: int, budget: WindowBudget | None, nchanges: int | None,
+                   abandoned: set[str]) -> _Scan:
+        """:meth:`_scan` for a text plugin: one COPY of the slot's rows straight into the spool file, the window's
+        rules applied to each row as it is written (core.window_scan), no Python work per row."""
+        state = self.slot.state()
+        plugin = self.settings.output_plugin
+        open_chunks: dict[str, tuple[int, int]] = {}
+
+        def on_message(lsn: int, data: str) -> bool:
+            """A message row: a snapshot watermark opens or closes a chunk; a high one is a boundary."""
+            content = snapshot_content(plugin, data)
+            if content is None:
+                return False
+            mark = decode_header(content)
+            if mark.kind == "low":
+                if mark.chunk not in abandoned and mark.session is not None:
+                    open_chunks[mark.chunk] = (mark.session.pid, mark.session.started_us)
+                boundary = False
+            else:
+                open_chunks.pop(mark.chunk, None)
+                boundary = True
+            writer.holding = bool(open_chunks)
+            return boundary
+
+        with spool.start_copy_rows() as out:
+            writer = copy_window_writer(
+                out,
+                plugin=plugin,
+                max_rows=budget.max_changes if budget else None,
+                max_bytes=budget.max_bytes if budget else None,
+                deadline=time.monotonic() + budget.max_seconds if budget else None,
+                on_message=on_message,
+            )
+            self.slot.copy_rows(writer, options=self.decoder.slot_options, upto_lsn=upto_lsn, upto_nchanges=nchanges)
+            writer.finish()
+
+        def finish_rows(manifest: dict[str, object]) -> int:
+            spool.finish_copy_rows(manifest)
+            return 1
+
+        scan = _Scan(
+            start_lsn=(state.confirmed_flush_lsn if state is not None else None) or 0,
+            finish_rows=finish_rows,
+            last_commit=writer.last_commit,
+            committed_rows=writer.committed_rows,
+            committed_bytes=writer.committed_bytes,
+            transactions=writer.committed_transactions,
+            limited=writer.limited,
+            rows_read=writer.rows,
+            open=open_chunks,
+        )
         if budget is not None and scan.committed_rows >= budget.max_changes:
             scan.limited = True  # PostgreSQL stopped at upto_nchanges: more may be pending
         return scan

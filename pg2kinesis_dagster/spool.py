@@ -3,7 +3,8 @@
 A cache, not the truth. The slot is never advanced past what Kinesis acknowledged, so a window whose
 spool is gone (a new pod, a cleaned disk, another machine) is simply read again from the slot. Layout:
 
-    <root>/<slot key>/<window id>/rows-000000.pkl ...     rows.json       written by peek
+    <root>/<slot key>/<window id>/rows.copy (text plugins)    rows.json       written by peek
+                                  or rows-000000.pkl ... (pgoutput)
                                   records-000000.pkl ...  records.json    written by format
     <root>/<slot key>/progress.json                                       written by publish
 
@@ -12,13 +13,15 @@ per PostgreSQL cluster, and one machine may replicate several.
 
 Each manifest (``rows.json``, ``records.json``) is written last and atomically: chunk files without
 their manifest are an interrupted step, written again by whoever needs them. Chunk files are pickles
-that only this process family writes and reads (never data from elsewhere).
+that only this process family writes and reads (never data from elsewhere). A text plugin's rows are the COPY
+text PostgreSQL sent (:mod:`~pg2kinesis_dagster.core.copy_text`), cut after the window's last boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import shutil
@@ -27,14 +30,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pg2kinesis_dagster.core.batching import new_record
 from pg2kinesis_dagster.core.changes import SlotRow
+from pg2kinesis_dagster.core.copy_text import parse_row
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.window import RecordChunk, TransactionProgress
 
 ROWS_MANIFEST = "rows.json"
+COPY_ROWS = "rows.copy"
 # Per slot: how far the records of a transaction larger than a chunk were acknowledged.
 PROGRESS_FILE = "progress.json"
 RECORDS_MANIFEST = "records.json"
@@ -132,6 +137,39 @@ class RowReader:
         return None
 
 
+class CopyRowReader:
+    """A window's COPY rows (``rows.copy``) read back in order, with :class:`RowReader`'s look-ahead.
+
+    Reads the file line by line (bounded memory whatever the window's size); ``offset`` is the byte position of
+    the next row.
+    """
+
+    def __init__(self, path: Path, rows: int) -> None:
+        self._path = path
+        self._rows = rows
+        self.offset = 0
+
+    def __iter__(self) -> Iterator[SlotRow]:
+        left = self._rows
+        with open(self._path, "rb") as f:
+            for line in f:
+                if left <= 0:
+                    return
+                left -= 1
+                self.offset += len(line)
+                yield parse_row(line[:-1])
+
+    def find_next(self, predicate: Callable[[str | bytes], bool]) -> SlotRow | None:
+        """The first row at or after the reading position whose data satisfies ``predicate``."""
+        with open(self._path, "rb") as f:
+            f.seek(self.offset)
+            for line in f:
+                row = parse_row(line[:-1])
+                if predicate(row[2]):
+                    return row
+        return None
+
+
 def _records_to_columns(chunk: RecordChunk) -> dict[str, Any]:
     records = chunk.records
     return {
@@ -179,22 +217,48 @@ class WindowSpool:
         self.path.mkdir(parents=True, exist_ok=True)
 
     # -- rows ------------------------------------------------------------------------------
-    def start_rows(self, chunk_rows: int, chunk_bytes: int) -> RowWriter:
-        """A writer for the window's rows; anything written before (an interrupted peek) is dropped."""
+    def _drop_rows(self) -> None:
         self.ensure()
         for old in self.path.glob("rows-*.pkl"):
             old.unlink()
+        (self.path / COPY_ROWS).unlink(missing_ok=True)
         (self.path / ROWS_MANIFEST).unlink(missing_ok=True)
         self.drop_records()
+
+    def start_rows(self, chunk_rows: int, chunk_bytes: int) -> RowWriter:
+        """A writer for the window's rows; anything written before (an interrupted peek) is dropped."""
+        self._drop_rows()
         return RowWriter(self.path, chunk_rows, chunk_bytes)
+
+    def start_copy_rows(self) -> BinaryIO:
+        """The file for the window's COPY rows (the caller writes, cuts and closes it, then :meth:`finish_copy_rows`);
+        anything written before is dropped."""
+        self._drop_rows()
+        return open(self.path / COPY_ROWS, "w+b")
+
+    def finish_copy_rows(self, manifest: dict[str, Any]) -> None:
+        _write_json(self.path / ROWS_MANIFEST, {**manifest, "format": "copy"})
+
+    def copy_rows(self) -> mmap.mmap | bytes | None:
+        """The window's COPY rows as one read-only buffer (an mmap; ``b""`` when empty), or None when its rows
+        are not COPY text."""
+        manifest = self.rows_manifest()
+        if manifest is None or manifest.get("format") != "copy":
+            return None
+        with open(self.path / COPY_ROWS, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def rows_manifest(self) -> dict[str, Any] | None:
         return _read_json(self.path / ROWS_MANIFEST)
 
-    def read_rows(self) -> RowReader:
+    def read_rows(self) -> RowReader | CopyRowReader:
         manifest = self.rows_manifest()
         if manifest is None:
             raise FileNotFoundError(f"spool {self.path} holds no complete rows")
+        if manifest.get("format") == "copy":
+            return CopyRowReader(self.path / COPY_ROWS, manifest["rows"])
         return RowReader(self.path, manifest["row_chunks"], manifest["rows"])
 
     # -- records ---------------------------------------------------------------------------

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from typing import Any
 
 import psycopg2
 import psycopg2.extras
 import pytest
 
-from pg2kinesis_dagster.core.changes import SlotRow
 from pg2kinesis_dagster.core.errors import DecodeError, RecordTooLargeError, SinkError, SourceError
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
@@ -129,18 +128,27 @@ def test_oversized_record_fails_before_publishing(pg_server: PostgresServer, tab
 
 def test_unparsable_plugin_output(pg_server: PostgresServer, table_db: str, pg_conn, moto_server: MotoServer,
                                   kinesis_stream: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_read = ReplicationSlot.read_rows
+    real_copy = ReplicationSlot.copy_rows
 
-    def corrupt_read(self: ReplicationSlot, **kwargs: object) -> Iterator[SlotRow]:
-        for i, (lsn, xid, data) in enumerate(real_read(self, **kwargs)):  # type: ignore[arg-type]
-            yield (lsn, xid, "table public.items: UPSERT: id[integer]:1") if i == 1 else (lsn, xid, data)
+    def corrupt_copy(self: ReplicationSlot, out: Any, **kwargs: Any) -> bool:
+        """The slot's COPY rows with the second one replaced (psycopg2 writes one row per call)."""
+        rows = iter(range(1 << 30))
+
+        class Corrupting:
+            def write(self, data: bytes) -> object:
+                if next(rows) == 1:
+                    lsn, xid, _ = data.split(b"\t", 2)
+                    data = lsn + b"\t" + xid + b"\ttable public.items: UPSERT: id[integer]:1\n"
+                return out.write(data)
+
+        return real_copy(self, Corrupting(), **kwargs)
 
     with make_replicator(pg_server, table_db, moto_server, kinesis_stream, slot_name="garbled") as r:
         r.prepare()
         before = confirmed_flush(pg_server, table_db, "garbled")
         with pg_conn.cursor() as cur:
             cur.execute("INSERT INTO items VALUES (1, 'a')")
-        monkeypatch.setattr(ReplicationSlot, "read_rows", corrupt_read)
+        monkeypatch.setattr(ReplicationSlot, "copy_rows", corrupt_copy)
         with pytest.raises(DecodeError) as err:
             r.drain()
     assert "slot 'garbled'" in str(err.value) and "UPSERT" in str(err.value) and "LSN" in str(err.value)

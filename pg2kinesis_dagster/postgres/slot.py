@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import psycopg2
 import psycopg2.errors
@@ -24,6 +25,7 @@ from psycopg2 import sql
 
 from pg2kinesis_dagster.core.changes import SlotRow, format_lsn, parse_lsn
 from pg2kinesis_dagster.core.errors import ConfigError, SourceError, SourceUnavailableError
+from pg2kinesis_dagster.core.window_scan import WindowFull
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.types import ensure_publication
 
@@ -36,6 +38,10 @@ _FETCH_ROWS = 5000
 SLOT_BUSY_WAIT_SECONDS = 10.0
 # SQLSTATEs of a connection that is gone or going: connection exceptions, admin/crash shutdown, starting up.
 _CONNECTION_LOST_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+class SupportsWrite(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
 
 def _connection_lost(exc: psycopg2.Error) -> bool:
@@ -389,6 +395,47 @@ class ReplicationSlot:
                 # Another backend holds the slot for a moment (the sensor's one-row peek, a DBA's look):
                 # the slot is acquired before any row comes, so wait briefly instead of failing the run.
                 if exc.pgcode != "55006" or started or time.monotonic() > busy_until:
+                    raise self._translate(exc, "peek the slot") from None
+                time.sleep(0.2)
+            finally:
+                conn.close()
+
+    def copy_rows(
+        self,
+        out: SupportsWrite,
+        *,
+        options: tuple[str, ...],
+        upto_lsn: int,
+        upto_nchanges: int | None = None,
+    ) -> bool:
+        """Send the slot's pending rows up to ``upto_lsn`` to ``out.write`` in COPY text form
+        (:mod:`~pg2kinesis_dagster.core.copy_text`), without consuming them; text plugins only.
+
+        One ``COPY ... TO STDOUT`` of ``pg_logical_slot_peek_changes``: no Python work per row here, and the
+        slot is released before the first row is sent (PostgreSQL decodes the whole result first). ``out``
+        may raise :class:`~pg2kinesis_dagster.core.window_scan.WindowFull` to stop early: the rest is not
+        read. Returns whether it stopped so.
+        """
+        self.lock()
+        self._require_exists()
+        busy_until = time.monotonic() + SLOT_BUSY_WAIT_SECONDS
+        while True:
+            conn = self.settings.connect(autocommit=True)
+            try:
+                with conn.cursor() as cur:
+                    query = cur.mogrify(
+                        "COPY (SELECT lsn, xid, data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, %s, "
+                        "VARIADIC %s::text[])) TO STDOUT",
+                        (self.name, format_lsn(upto_lsn), upto_nchanges, list(options)),
+                    ).decode()
+                    cur.copy_expert(query, out)
+                return False
+            except WindowFull:
+                return True  # the connection is mid-COPY: closing it ends the statement
+            except psycopg2.Error as exc:
+                # Another backend holds the slot for a moment (the sensor's one-row peek, a DBA's look): the
+                # slot is acquired before any row is decoded, so nothing was written; wait briefly and retry.
+                if exc.pgcode != "55006" or time.monotonic() > busy_until:
                     raise self._translate(exc, "peek the slot") from None
                 time.sleep(0.2)
             finally:
