@@ -602,6 +602,32 @@ def test_resharding_during_put_resends_changes_the_new_shards_would_drop() -> No
     assert len(all_users) > 800
 
 
+def test_the_shard_map_is_listed_once_for_many_puts_and_again_when_a_put_finds_it_stale() -> None:
+    q = H // 4
+    actual = ShardMap([Shard("s2", 0, q - 1), Shard("s3", q, H // 2 - 1), Shard("s1", H // 2, H - 1)])
+    after = [listing("s0", 0, H // 2 - 1, closed=True), listing("s1", H // 2, H - 1),
+             listing("s2", 0, q - 1), listing("s3", q, H // 2 - 1)]
+    keys = [f"k{i}" for i in range(40)]
+    client, clock = FakeStream(halves(), [halves_listing(), after]), FakeClock()
+    sink = make_sink(client, clock)
+    first, second = make_records(400, keys, size=300), make_records(400, keys, size=300)
+    sink.put(first)
+    sink.put(first)
+    assert client.list_calls == 1, "one listing serves every put while it holds"
+    client.actual = actual  # s0 split between two puts: the cached map is stale
+    client.stored.clear()  # (what the first puts wrote went to s0, which is closed now)
+    sink.put(second)
+    assert client.list_calls == 2, "the put that found the map stale listed the shards again"
+    sink.put(second)
+    assert client.list_calls == 2
+    clock.now += 61
+    sink.put(second)
+    assert client.list_calls == 3, "listed again once the map is a minute old"
+    kcl = client.users_seen_by_kcl()
+    kept = Counter(d for pairs in kcl.values() for _, d in pairs)
+    assert all(kept[r.data] >= 1 for r in second), "no change of the put after the split was dropped by a reader"
+
+
 def test_shard_map_that_keeps_changing_gives_up() -> None:
     actual = ShardMap([Shard("s2", 0, H // 2 - 1), Shard("s1", H // 2, H - 1)])
     # ListShards keeps answering the stale map: every s0 aggregate lands on s2.

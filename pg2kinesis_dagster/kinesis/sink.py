@@ -103,6 +103,8 @@ _TRANSPORT_ERRORS = (HTTPClientError, BotoConnectionError)
 # Shard map reloads within one put (aggregation) before giving up: each follows a
 # resharding seen in PutRecords' answers, so more means the stream keeps changing.
 MAX_SHARD_MAP_RELOADS = 10
+# A shard map is listed again after this long even without a sign of resharding.
+SHARD_MAP_MAX_AGE_SECONDS = 60.0
 
 
 def make_kinesis_client(
@@ -246,6 +248,9 @@ class KinesisSink:
         self.max_in_flight = max_in_flight
         # The stream's record size limit (MaxRecordSizeInKiB), read by check_stream(); until then unknown.
         self._max_record_bytes: int | None = None
+        # The shard map aggregation routes by, and when it was listed (see _current_shard_map).
+        self._shard_map: ShardMap | None = None
+        self._shard_map_listed = 0.0
 
     @property
     def max_record_bytes(self) -> int:
@@ -363,7 +368,7 @@ class KinesisSink:
 
     def _put_aggregated(self, records: Sequence[Record], progress: _Progress) -> int:
         """Aggregate and send ``records``; returns the number of Kinesis records written."""
-        shard_map = self._load_shard_map(progress)
+        shard_map = self._current_shard_map(progress)
         to_send: Sequence[Record] = records
         written = 0
         remaps = 0
@@ -391,6 +396,7 @@ class KinesisSink:
             cap = min(self.max_backoff, self.base_backoff * (2 ** (remaps - 1)))
             self._sleep(self._rng.uniform(0.0, cap))  # let ListShards catch up with the change
             shard_map = self._load_shard_map(progress)
+            self._shard_map, self._shard_map_listed = shard_map, self._clock()
             again: list[Record] = []
             for sent, landed in misrouted:
                 shard = shard_map.get(landed)
@@ -405,6 +411,18 @@ class KinesisSink:
             position = {id(r): i for i, r in enumerate(records)}
             again.sort(key=lambda r: position[id(r)])
             to_send = again
+
+    def _current_shard_map(self, progress: _Progress) -> ShardMap:
+        """The shard map of the last listing, listed again after :data:`SHARD_MAP_MAX_AGE_SECONDS`.
+
+        Not listed per put (a round trip each, as long as a put of a chunk against AWS): a map gone stale by
+        resharding is caught by the first put after it, whose answers name another shard than the map did
+        (``misrouted`` in :meth:`_put_aggregated`), and listed again there.
+        """
+        if self._shard_map is None or self._clock() - self._shard_map_listed > SHARD_MAP_MAX_AGE_SECONDS:
+            self._shard_map = self._load_shard_map(progress)
+            self._shard_map_listed = self._clock()
+        return self._shard_map
 
     def _load_shard_map(self, progress: _Progress) -> ShardMap:
         """ListShards, retried like PutRecords while the errors are transient."""
