@@ -26,6 +26,7 @@ Guarantees, and what makes them hold:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import queue
@@ -156,6 +157,84 @@ class _ChunkHandover:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class _Checkpoints:
+    """The slot's advances after published chunks, made by a thread of their own.
+
+    ``pg_replication_slot_advance`` decodes the WAL again from the slot's restart point, which a backlog keeps
+    far behind (tens of milliseconds a call late in a 200k window): here it overlaps the put of the next chunk
+    instead of delaying it. Only acknowledged commits are ever requested and targets only grow, so the slot is
+    never ahead of Kinesis; it is behind by at most the advance in progress, which :meth:`wait` finishes (a
+    window's end, a stop, a failure). Requests made while one runs are merged into one advance to the newest.
+    An advance's error is raised by the next call.
+    """
+
+    def __init__(self, slot: ReplicationSlot) -> None:
+        self._slot = slot
+        self._cond = threading.Condition()
+        self._target: int | None = None  # requested, not started
+        self._busy = False
+        self._done: list[AdvanceResult] = []
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, target: int) -> list[AdvanceResult]:
+        """Advance to ``target`` soon; returns the advances finished since the last call."""
+        with self._cond:
+            self._raise()
+            self._target = target if self._target is None else max(self._target, target)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pg2k-advance", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            return self._take()
+
+    def wait(self) -> list[AdvanceResult]:
+        """Wait until every requested advance is made; returns those finished since the last call."""
+        with self._cond:
+            while (self._target is not None or self._busy) and self._error is None:
+                self._cond.wait()
+            self._raise()
+            return self._take()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _take(self) -> list[AdvanceResult]:
+        done, self._done = self._done, []
+        return done
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._target = None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._target is None and not self._closed:
+                    self._cond.wait()
+                if self._target is None:
+                    return
+                target, self._target, self._busy = self._target, None, True
+            try:
+                result = self._slot.advance(target)
+            except BaseException as exc:  # handed to the publishing thread, which raises it
+                with self._cond:
+                    self._error, self._busy = exc, False
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._done.append(result)
+                self._busy = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -641,6 +720,39 @@ class Replicator:
         progress = self.spool.read_progress(self.spool_key)
         if progress is not None and confirmed is not None and progress.commit_lsn <= confirmed:
             progress = None
+        checkpoints = _Checkpoints(self.slot)
+
+        def checkpointed(results: list[AdvanceResult]) -> None:
+            if on_checkpoint is not None:
+                for advanced in results:
+                    on_checkpoint(advanced)
+
+        try:
+            totals, confirmed, stopped = self._publish_each(window, chunks, confirmed, progress, checkpoints,
+                                                            checkpointed, should_stop)
+            checkpointed(checkpoints.wait())
+        except BaseException:
+            # Acknowledged is acknowledged: the advance in progress is finished before the error goes up (its own
+            # failure then says nothing new).
+            with contextlib.suppress(Exception):
+                checkpointed(checkpoints.wait())
+            raise
+        finally:
+            checkpoints.close()
+        return totals, confirmed, stopped
+
+    def _publish_each(
+        self,
+        window: PeekedWindow,
+        chunks: Iterable[tuple[RecordChunkInfo, Callable[[], RecordChunk]]],
+        confirmed: int | None,
+        progress: TransactionProgress | None,
+        checkpoints: _Checkpoints,
+        checkpointed: Callable[[list[AdvanceResult]], None],
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[PutTotals, int | None, bool]:
+        """The loop of :meth:`_publish_chunks`; ``confirmed`` is the last acknowledged commit, which the slot
+        reaches once ``checkpoints`` made the advance in progress."""
         totals = PutTotals()
         for info, load in chunks:
             if (
@@ -657,6 +769,8 @@ class Replicator:
                 try:
                     report = self.sink.put(records)
                 except SinkError as exc:
+                    with contextlib.suppress(Exception):
+                        checkpointed(checkpoints.wait())  # so the message says where the slot really stands
                     raise self._with_slot_position(exc, window, confirmed) from exc
                 totals = replace(
                     totals,
@@ -668,12 +782,10 @@ class Replicator:
                     seconds=totals.seconds + report.seconds,
                 ).with_hot_rows(report.hot_rows)
             if chunk.advance_to is not None and (confirmed is None or chunk.advance_to > confirmed):
-                # Every record up to this commit is acknowledged: a checkpoint.
-                advanced = self.slot.advance(chunk.advance_to)
-                confirmed = max(chunk.advance_to, advanced.after or 0)
+                # Every record up to this commit is acknowledged: a checkpoint (made while the next chunk goes).
+                checkpointed(checkpoints.request(chunk.advance_to))
+                confirmed = chunk.advance_to
                 totals = replace(totals, checkpoints=totals.checkpoints + 1)
-                if on_checkpoint is not None:
-                    on_checkpoint(advanced)
             # The chunk ends inside a transaction that is not checkpointed yet: remember how far it got.
             last = chunk.commit_lsns[-1] if chunk.commit_lsns else None
             open_txn = last is not None and (confirmed is None or last > confirmed)
@@ -690,6 +802,7 @@ class Replicator:
                 self.spool.write_progress(self.spool_key, None)
             if (not open_txn and should_stop is not None and confirmed != window.advance_to
                     and should_stop()):
+                checkpointed(checkpoints.wait())
                 return totals, confirmed, True
         return totals, confirmed, False
 
