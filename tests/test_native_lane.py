@@ -8,6 +8,8 @@ PG2K_REQUIRE_NATIVE=1 (CI), where they fail.
 
 from __future__ import annotations
 
+import os
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,11 +17,14 @@ from hypothesis import strategies as st
 
 from pg2kinesis_dagster.core.copy_text import format_row
 from pg2kinesis_dagster.core.copy_window import LaneCounts, record_chunks_from_copy
+from pg2kinesis_dagster.core.decoders import TestDecodingDecoder
 from pg2kinesis_dagster.core.records import BatchStats
 from tests.copy_lane_support import Setup, collect, compare, lane_module, setups, windows
 from tests.test_decoder_properties import ANY_CHAR, hostile_text, row_changes
 
-_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+# HYPOTHESIS_PROFILE=fuzz multiplies the examples (as tests/test_decoder_properties.py's profiles).
+_SCALE = 20 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+_SETTINGS = settings(max_examples=300 * _SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 KEYED = ((("public", "t"), ("id",)),)
 
 
@@ -52,7 +57,7 @@ def test_lane_equals_python_path_and_reference(data: st.DataObject) -> None:
     compare(window.buf, data.draw(setups(window)), window.commits)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60 * _SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_large_transactions_over_tiny_chunks(data: st.DataObject) -> None:
     window = data.draw(windows(max_transactions=2, big=True))
@@ -105,7 +110,7 @@ def test_json_strings_as_orjson(text: str) -> None:
             assert orjson.loads(out.records[0][0])["after"] == {"id": text, "v": text}
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200 * _SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(row_changes(), st.data())
 def test_damaged_rows_raise_the_same_decode_error(rendered: object, data: st.DataObject) -> None:
     line = rendered.line  # type: ignore[attr-defined]
@@ -217,3 +222,80 @@ def _mm_chunks(mm: object, setup: Setup, stats: BatchStats):  # type: ignore[no-
     return record_chunks_from_copy(mm, 4, len(mm), decoder=decoder, builder=builder,  # type: ignore[arg-type]
                                    schema_keys=schema_keys, merger=merger, chunk_changes=setup.chunk_changes,
                                    chunk_bytes=setup.chunk_bytes, stats=stats)
+
+
+# -- live: a real test_decoding slot, read with COPY ------------------------------------------------------------
+
+SCHEMA = 'Wéird "S" ch\\ema'
+LIVE_TABLES = {
+    "keyed": ("id",),
+    'K"2 \t tab': ("a b", "ß"),
+    "nokey": (),
+    "nokey_full": (),
+}
+HOSTILE = ["plain", "it's", "back\\slash", "tab\there", "new\nline", "cr\rlf", "é ü 😀", '"quoted"', "]: [x]",
+           " old-key: new-tuple:", "null", "", "\x01\x1f\x7f", "B'01'"]
+
+
+def _workload(conn) -> None:  # type: ignore[no-untyped-def]
+    from psycopg2 import sql
+
+    s = sql.Identifier(SCHEMA)
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(s))
+        cur.execute(sql.SQL('CREATE TABLE {}.keyed (id bigint PRIMARY KEY, "Val\'ue" text, n numeric, f float8, '
+                            'b boolean, bits bit varying, arr text[], j jsonb, ts timestamptz)').format(s))
+        cur.execute(sql.SQL('CREATE TABLE {}.{} ("a b" text, "ß" int, "x]:y" text, PRIMARY KEY ("a b", "ß"))')
+                    .format(s, sql.Identifier('K"2 \t tab')))
+        cur.execute(sql.SQL("CREATE TABLE {}.nokey (v text, w int)").format(s))
+        cur.execute(sql.SQL("CREATE TABLE {}.nokey_full (v text, w int)").format(s))
+        cur.execute(sql.SQL("ALTER TABLE {}.nokey_full REPLICA IDENTITY FULL").format(s))
+        cur.execute("SELECT pg_create_logical_replication_slot('lane_live', 'test_decoding')")
+        cur.execute("BEGIN")
+        for i, text in enumerate(HOSTILE):
+            cur.execute(sql.SQL("INSERT INTO {}.keyed VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())").format(s),
+                        (i, text, ["1.5", "NaN", "-Infinity", "1e-05"][i % 4], [1e300, float("nan"), -0.0][i % 3],
+                         i % 2 == 0, "0101" if i % 2 else "", [text, None], f'{{"k": {i}}}'))
+            cur.execute(sql.SQL("INSERT INTO {}.{} VALUES (%s, %s, %s)").format(s, sql.Identifier('K"2 \t tab')),
+                        (text, i, text))
+            cur.execute(sql.SQL("INSERT INTO {}.nokey VALUES (%s, %s)").format(s), (text, i))
+            cur.execute(sql.SQL("INSERT INTO {}.nokey_full VALUES (%s, %s)").format(s), (text, None))
+        cur.execute("COMMIT")
+        cur.execute(sql.SQL("UPDATE {}.keyed SET \"Val'ue\" = 'upd''ated\\' WHERE id < 5").format(s))
+        cur.execute(sql.SQL("UPDATE {}.keyed SET id = id + 100 WHERE id = 7").format(s))  # a key change: old-key
+        cur.execute(sql.SQL("UPDATE {}.nokey SET w = w + 1").format(s))
+        cur.execute(sql.SQL("DELETE FROM {}.nokey_full WHERE v <> 'plain'").format(s))
+        cur.execute(sql.SQL("DELETE FROM {}.{} WHERE \"ß\" > 3").format(s, sql.Identifier('K"2 \t tab')))
+        cur.execute("SELECT pg_logical_emit_message(true, 'p', 'transactional message')")
+        cur.execute("SELECT pg_logical_emit_message(false, 'p', 'non-transactional message')")
+        cur.execute(sql.SQL("ALTER TABLE {}.nokey ADD COLUMN extra text").format(s))  # an empty transaction
+        cur.execute(sql.SQL("INSERT INTO {}.keyed (id) SELECT g FROM generate_series(1000, 1300) g").format(s))
+        cur.execute(sql.SQL("TRUNCATE {}.nokey").format(s))
+
+
+def test_live_copy_of_a_test_decoding_slot(pg_conn) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from pg2kinesis_dagster.core.changes import parse_lsn
+    from pg2kinesis_dagster.core.copy_text import iter_rows
+
+    _workload(pg_conn)
+    options = TestDecodingDecoder.slot_options
+    peek = "pg_logical_slot_peek_changes('lane_live', NULL, NULL, " + ", ".join(f"'{o}'" for o in options) + ")"
+    out = io.BytesIO()
+    with pg_conn.cursor() as cur:
+        cur.copy_expert(f"COPY (SELECT lsn, xid, data FROM {peek}) TO STDOUT", out)
+        cur.execute(f"SELECT lsn::text, xid::text::bigint, data FROM {peek}")
+        rows = [(parse_lsn(lsn), xid, data) for lsn, xid, data in cur.fetchall()]
+    buf = out.getvalue()
+    assert [row for row, _ in iter_rows(buf)] == rows
+    commits = [lsn for lsn, _, data in rows if data.startswith("COMMIT")]
+    keys = tuple(((SCHEMA, table), key) for table, key in LIVE_TABLES.items())
+    for fmt in ("CSV", "CSVPayload", "JSON"):
+        for chunk in (7, 10_000):
+            setup = Setup(keys=keys, fmt=fmt, chunk_changes=chunk)
+            reference = compare(buf, setup, commits)
+            assert reference.error is None and len(reference.records) > 300
+            counts = _counts(buf, setup)
+            assert counts.lane_records > 0.9 * len(reference.records)
+
