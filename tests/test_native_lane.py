@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg2kinesis_dagster.core.copy_text import format_row
+from pg2kinesis_dagster.core.changes import format_lsn
+from pg2kinesis_dagster.core.copy_text import format_row, iter_rows
 from pg2kinesis_dagster.core.copy_window import LaneCounts, record_chunks_from_copy
 from pg2kinesis_dagster.core.decoders import TestDecodingDecoder
 from pg2kinesis_dagster.core.records import BatchStats
@@ -277,7 +278,6 @@ def test_live_copy_of_a_test_decoding_slot(pg_conn) -> None:  # type: ignore[no-
     import io
 
     from pg2kinesis_dagster.core.changes import parse_lsn
-    from pg2kinesis_dagster.core.copy_text import iter_rows
 
     _workload(pg_conn)
     options = TestDecodingDecoder.slot_options
@@ -299,3 +299,43 @@ def test_live_copy_of_a_test_decoding_slot(pg_conn) -> None:  # type: ignore[no-
             counts = _counts(buf, setup)
             assert counts.lane_records > 0.9 * len(reference.records)
 
+
+
+def test_snapshot_watermarks_keep_the_lane_out_while_a_chunk_is_open() -> None:
+    """Between a chunk's low and high watermarks the merger must see every change: the Python path reads them."""
+    from pg2kinesis_dagster.core.snapshot import Session, encode_copy_rows, encode_high, encode_low
+
+    def message(content: str) -> str:
+        return f"message: transactional: 0 prefix: pg2kinesis.snapshot, sz: {len(content.encode())} content:{content}"
+
+    low = encode_low("c1", "public", "t", ["id"], Session(1, 2))
+    high = encode_high("c1", "public", "t", ["id"], [("id", "integer"), ("v", "text")],
+                       encode_copy_rows([["1", "a"], ["2", "b\tc"], ["3", None]]), "2026-01-01 00:00:00+00")
+    lines, lsn = [], 0x100
+
+    def txn(xid: int, *rows: str) -> None:
+        nonlocal lsn
+        lines.append(format_row(format_lsn(lsn), xid, f"BEGIN {xid}"))
+        for data in rows:
+            lsn += 1
+            lines.append(format_row(format_lsn(lsn), xid, data))
+        lsn += 1
+        lines.append(format_row(format_lsn(lsn), xid, f"COMMIT {xid}"))
+        lsn += 1
+
+    txn(10, "table public.t: INSERT: id[integer]:9 v[text]:'x'")
+    lines.append(format_row(format_lsn(lsn), 0, message(low)))
+    lsn += 1
+    txn(11, "table public.t: UPDATE: id[integer]:2 v[text]:'new'", "table public.u: INSERT: id[integer]:5")
+    txn(12, "table public.t: DELETE: id[integer]:3")
+    lines.append(format_row(format_lsn(lsn), 0, message(high)))
+    lsn += 1
+    txn(13, "table public.t: INSERT: id[integer]:4 v[text]:'y'")
+    buf = b"".join(lines)
+    commits = [lsn for lsn, _, data in (row for row, _ in iter_rows(buf)) if data.startswith(("COMMIT", "message"))]
+    for fmt in ("CSV", "JSON"):
+        for chunk in (1, 100):
+            setup = Setup(keys=(*KEYED, (("public", "u"), ("id",))), fmt=fmt, chunk_changes=chunk)
+            out = compare(buf, setup, commits)
+            assert out.error is None and len(out.records) == 6  # 4 changes, 1 snapshot row (1), the 2 dropped
+            assert _counts(buf, setup).python_units >= 4

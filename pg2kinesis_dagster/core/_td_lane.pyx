@@ -683,6 +683,8 @@ cdef class TestDecodingLane:
         cdef _Table t = self.tables[raw]
         t.keys_known = True
         t.key_columns = tuple(key_columns or ())
+        if len(set(t.key_columns)) != len(t.key_columns):
+            t.ok = False  # the builder's pk dict would merge them: the Python path's case
         t.keyed = bool(t.key_columns)
         t.nkeys = len(t.key_columns)
         t.key_json = [orjson.dumps(name) + b":" for name in t.key_columns]
