@@ -339,3 +339,19 @@ def test_snapshot_watermarks_keep_the_lane_out_while_a_chunk_is_open() -> None:
             out = compare(buf, setup, commits)
             assert out.error is None and len(out.records) == 6  # 4 changes, 1 snapshot row (1), the 2 dropped
             assert _counts(buf, setup).python_units >= 4
+
+
+@pytest.mark.parametrize("chunk", [3, 100])
+def test_a_run_of_rows_the_lane_leaves_goes_python_to_the_commit(chunk: int) -> None:
+    """Rows of a table with excluded columns: after a few, the rest of the transaction goes the Python path whole."""
+    rows = ["table public.t: INSERT: id[integer]:0"]
+    rows += [f"table public.x: INSERT: id[integer]:{i} secret[text]:'s{i}'" for i in range(12)]
+    rows += ["table public.t: INSERT: id[integer]:1"]
+    buf = _buf(*rows) + _buf("table public.t: INSERT: id[integer]:2", xid=8).replace(b"0/", b"1/")
+    keys = (*KEYED, (("public", "x"), ("id",)))
+    for fmt in ("CSV", "JSON"):
+        setup = Setup(keys=keys, fmt=fmt, exclude_columns="public.x:secret", chunk_changes=chunk)
+        out = compare(buf, setup, [0x1000, (1 << 32) + 0x1000])
+        assert len(out.records) == 15
+        counts = _counts(buf, setup)
+        assert counts.python_rows == 3 and counts.python_units == 1 and counts.lane_records == 2

@@ -746,6 +746,12 @@ cdef class TestDecodingLane:
         self.t_index = next_index
         self.pos = pos
 
+    def end_transaction(self, Py_ssize_t pos) -> None:
+        """The Python path read the rest of the transaction, its commit included (and counted it); go on at
+        ``pos``, outside any transaction."""
+        self.in_txn = False
+        self.pos = pos
+
     # -- reading -------------------------------------------------------------------------------------------
 
     def run(self, buf, Py_ssize_t pos, Py_ssize_t end, list records, list commit_lsns, Py_ssize_t record_bytes,

@@ -42,6 +42,8 @@ LANE_MODULE = "pg2kinesis_dagster.core._td_lane"
 # The lane's run() statuses (mirrored in _td_lane.pyx).
 END, CHUNK_FULL, NEED_TABLE, SLOW = 0, 1, 2, 3
 
+# After this many consecutive rows handed back inside a transaction, its rest goes the Python path whole.
+SLOW_STREAK = 4
 _COMMIT_FIELD = b"\tCOMMIT"  # a raw tab only separates fields, and an xid is digits: a data field starting so
 _OPS = (Operation.INSERT, Operation.UPDATE, Operation.DELETE)
 
@@ -126,6 +128,9 @@ class _Driver:
         self.lane = self._make_lane(lane_module) if lane_module is not None else None
         self.generation = -1
         self.counts = counts
+        self.begin_xid: str | None = None
+        self.slow_streak = 0  # rows in a row handed back by the lane inside one transaction
+        self.resumed_at = -1  # where the lane went on after the last row it handed back
 
     # -- the lane ---------------------------------------------------------------------------------------
 
@@ -196,13 +201,35 @@ class _Driver:
                 chunk = self.chunk
                 continue
             if status == SLOW and lane.in_txn:
-                yield from self._python_row()
+                # Rows the lane hands back one after another (a table it leaves, e.g. with excluded columns):
+                # the rest of the transaction goes the Python path at once, without a round trip per row.
+                self.slow_streak = self.slow_streak + 1 if self.pos == self.resumed_at else 1
+                if self.slow_streak >= SLOW_STREAK:
+                    yield from self._python_rest()
+                else:
+                    yield from self._python_row()
                 chunk = self.chunk
                 if self.merger.open:  # pragma: no cover - a row change never opens a snapshot chunk
                     raise AssertionError("snapshot chunk opened inside a transaction")
                 self._sync_lane()
                 continue
             return  # END, or SLOW outside a transaction: the Python path takes the next unit
+
+    def _open_transaction(self) -> Transaction:
+        """The transaction the lane is reading, for the Python decoder to go on with."""
+        xid, begin_lsn, index, self.begin_xid, commit_lsn, commit_time = self.lane.transaction()
+        self.commits = {(xid, begin_lsn): _Commit(commit_lsn, commit_time)}
+        return Transaction(xid, begin_lsn, 0, None, [], 0, index)
+
+    def _python_rest(self) -> Iterator[RecordChunk]:
+        """The rest of the transaction the lane is reading, from ``self.pos`` to its commit, by the Python path."""
+        txn = self._open_transaction()
+        rows = self._rows = _Rows(self.buf, self.pos, self.end, unit=True, in_txn=True)
+        self.counts.python_units += 1
+        yield from self._build(self.decoder.decode(rows, part_size=self.chunk_changes, open_transaction=txn,
+                                                   begin_xid=self.begin_xid), None)
+        self.pos = rows.pos
+        self.lane.end_transaction(self.pos)  # counted and advanced to by the Python path
 
     def _python_row(self) -> Iterator[RecordChunk]:
         """The row at ``self.pos``, inside the transaction the lane is reading, through the Python path."""
@@ -212,14 +239,12 @@ class _Driver:
             raise DecodeError(f"a COPY row without its newline at byte {self.pos}")
         row = parse_row(bytes(self.buf[self.pos:newline]))
         self.counts.python_rows += 1
-        xid, begin_lsn, index, begin_xid, commit_lsn, commit_time = lane.transaction()
-        txn = Transaction(xid, begin_lsn, 0, None, [], 0, index)
-        self.commits = {(xid, begin_lsn): _Commit(commit_lsn, commit_time)}
+        txn = self._open_transaction()
         # part_size 1: the row's changes come out as one part, at once; the lane goes on with the next index.
-        yield from self._build(self.decoder.decode([row], 1, open_transaction=txn, begin_xid=begin_xid),
+        yield from self._build(self.decoder.decode([row], 1, open_transaction=txn, begin_xid=self.begin_xid),
                                newline + 1)
         lane.resume(txn.first_index, newline + 1)
-        self.pos = newline + 1
+        self.pos = self.resumed_at = newline + 1
 
     # -- the Python path ----------------------------------------------------------------------------------
 
