@@ -58,6 +58,13 @@ def test_lane_equals_python_path_and_reference(data: st.DataObject) -> None:
     compare(window.buf, data.draw(setups(window)), window.commits)
 
 
+@_SETTINGS
+@given(st.data())
+def test_lane_equals_python_path_on_lane_friendly_windows(data: st.DataObject) -> None:
+    window = data.draw(windows(friendly=True))
+    compare(window.buf, data.draw(setups(window)), window.commits)
+
+
 @settings(max_examples=60 * _SCALE, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_large_transactions_over_tiny_chunks(data: st.DataObject) -> None:
