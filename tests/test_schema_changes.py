@@ -71,6 +71,24 @@ def test_two_ddl_in_one_batch_each_take_effect_at_their_own_transaction() -> Non
     assert catalog.loads == 2
 
 
+def test_empty_last_part_of_a_split_transaction_is_no_schema_change() -> None:
+    """A transaction decoded in parts may end with a part without changes: that is no DDL, no catalog read."""
+    catalog = FakeCatalog({("public", "a"): _Key(("id",), None)})
+    keys = SchemaFollowingKeys(catalog, max_age_seconds=None)
+    whole = _txn(200, ["a", "a"])
+    part = whole.split()
+    stream = [part, whole]  # the last part: no changes left, first_index 2
+    generation = keys.generation
+    for txn in keys.follow(stream, object()):
+        for change in txn.changes:
+            keys.key_columns("public", change.table)
+    assert not keys.reload_due and keys.reloads == 0 and keys.generation == generation
+    for _ in keys.follow([_txn(201, [])], object()):  # a real DDL: BEGIN/COMMIT only
+        pass
+    assert keys.reload_due
+    assert keys.key_columns("public", "a") == ("id",) and keys.reloads == 1 and keys.generation == generation + 1
+
+
 class Workload:
     """Serial writes with DDL at fixed points; the expected key of every change, per the schema of its time."""
 

@@ -122,12 +122,17 @@ def _bounded(key: str) -> str:
     return f"{key[: MAX_PARTITION_KEY_CHARS - 72]}#sha256:{digest}"
 
 
+def row_partition_key(qualified: str, values: Sequence[str | None]) -> str:
+    """The ROW partition key of a change of ``qualified`` (``schema.table``) whose key values are ``values``."""
+    values = list(values)
+    text = values[0] if len(values) == 1 and values[0] is not None else json.dumps(values)
+    return _bounded(f"{qualified}:{text}")
+
+
 def partition_key(change: Change, by: PartitionBy, constant: str = "pg2kinesis") -> str:
     if by is PartitionBy.ROW:
         if change.pk:
-            values = list(change.pk.values())
-            text = values[0] if len(values) == 1 and values[0] is not None else json.dumps(values)
-            return _bounded(f"{change.qualified_table}:{text}")
+            return row_partition_key(change.qualified_table, tuple(change.pk.values()))
         return _bounded(change.qualified_table)
     if by is PartitionBy.TABLE:
         return _bounded(change.qualified_table)

@@ -78,12 +78,16 @@ class SchemaFollowingKeys:
         self._schema_changes: Callable[[], int] | None = None
         self._schema_changes_seen = 0
         self.reloads = 0  # catalog reads triggered here (for tests and metadata)
+        # Moves whenever the keys in force may have changed (a catalog read, a deferred switch): whoever caches
+        # key_columns() answers (core.copy_window's compiled lane) drops them when it moves.
+        self.generation = 0
         self._started = False
 
     # -- the stream ------------------------------------------------------------------------------------
 
-    def follow(self, transactions: Iterable[Transaction], decoder: object) -> Iterator[Transaction]:
-        """Yield ``transactions`` unchanged, noting the schema changes they reveal."""
+    def start(self, decoder: object) -> None:
+        """Get ready to key ``decoder``'s changes (what :meth:`follow` does first; callers that key changes
+        they did not pass through :meth:`follow` call it before the first lookup)."""
         if not self._started:
             # The catalog as of the first batch: the keys in force before any DDL the stream will show.
             self._catalog.tables()
@@ -92,12 +96,32 @@ class SchemaFollowingKeys:
         self._hint = getattr(decoder, "relation_key", None)
         counter = getattr(decoder, "schema_changes", None)
         self._schema_changes = (lambda: int(getattr(decoder, "schema_changes", 0))) if counter is not None else None
+
+    @property
+    def reload_due(self) -> bool:
+        """Whether the next lookup reads the catalog again (answers cached before then are stale)."""
+        return self._reload_due
+
+    def deferred_xids(self) -> frozenset[int]:
+        """Transactions whose passing switches some table's key (see :meth:`follow`)."""
+        return frozenset(self._deferred)
+
+    def check_age(self) -> None:
+        """:meth:`follow`'s periodic re-read, for transactions keyed without passing through it."""
+        if self._max_age is not None and self._clock() - self._loaded_at > self._max_age:
+            self._reload_due, self._reload_at = True, None
+
+    def follow(self, transactions: Iterable[Transaction], decoder: object) -> Iterator[Transaction]:
+        """Yield ``transactions`` unchanged, noting the schema changes they reveal."""
+        self.start(decoder)
         for txn in transactions:
             if self._deferred and txn.xid in self._deferred:
                 self._effective.update(self._deferred.pop(txn.xid))
-            if not txn.changes and txn.message is None:
+                self.generation += 1
+            if not txn.changes and txn.message is None and txn.first_index == 0:
                 # Only catalog rows changed: a DDL (or ANALYZE, a temporary table). Read the catalog before the
-                # next change is keyed.
+                # next change is keyed. (A transaction decoded in parts may end with an empty last part: its
+                # first_index tells it apart.)
                 self._reload_due, self._reload_at = True, txn.xid
             elif self._schema_changes is not None and self._schema_changes() != self._schema_changes_seen:
                 # A Relation message came with this transaction's changes (pgoutput): read the catalog, and let
@@ -134,6 +158,7 @@ class SchemaFollowingKeys:
         before.update(self._effective)
         self._catalog.reload()
         self.reloads += 1
+        self.generation += 1
         self._loaded_at = self._clock()
         tables = self._catalog.tables()
         for name, current in before.items():

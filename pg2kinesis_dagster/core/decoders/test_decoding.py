@@ -146,17 +146,21 @@ class TestDecodingDecoder:
             raise DecodeError("malformed COMMIT line", text=data)
         return m.group(2)
 
-    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None) -> Iterator[Transaction]:
+    def decode(self, rows: Iterable[SlotRow], part_size: int | None = None, *,
+               open_transaction: Transaction | None = None, begin_xid: str | None = None) -> Iterator[Transaction]:
         """Yield each committed transaction of ``rows`` (lsn, xid, data), in order.
 
         Streams: only the transaction being read is held, and with ``part_size`` at most that
         many of its changes (:meth:`Transaction.split` parts). A trailing transaction without its
         COMMIT is not yielded (it is not complete).
+
+        ``open_transaction`` resumes inside a transaction whose BEGIN (printing ``begin_xid``) was read
+        elsewhere (core.copy_window's compiled lane): ``rows`` continue it, its changes are numbered from its
+        ``first_index``; parts split off it advance that index, so the caller reads where it stands.
         """
         part_limit = part_size or _NO_LIMIT
-        txn: Transaction | None = None
-        changes: list[Change] = []
-        begin_xid: str | None = None
+        txn: Transaction | None = open_transaction
+        changes: list[Change] = txn.changes if txn is not None else []
         for lsn, xid, data in rows:
             if not isinstance(data, str):
                 raise DecodeError("test_decoding rows must be text, got bytes", lsn=lsn, text=data)
