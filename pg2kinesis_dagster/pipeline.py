@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -41,6 +42,7 @@ from types import TracebackType
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
 from pg2kinesis_dagster.core.config import ReplicationSettings
+from pg2kinesis_dagster.core.copy_window import record_chunks_from_copy
 from pg2kinesis_dagster.core.decoders import decoder_for
 from pg2kinesis_dagster.core.errors import DecodeError, SinkError
 from pg2kinesis_dagster.core.filters import ChangeFilter, parse_operations
@@ -71,7 +73,7 @@ from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
-from pg2kinesis_dagster.spool import Spool, WindowSpool, slot_key
+from pg2kinesis_dagster.spool import RowReader, Spool, WindowSpool, slot_key
 
 log = logging.getLogger(__name__)
 
@@ -636,7 +638,42 @@ class Replicator:
 
     def _record_chunks(self, window: PeekedWindow, spool: WindowSpool, stats: BatchStats) -> Iterator[RecordChunk]:
         """The window's records, chunk by chunk (each at most a chunk's changes or bytes), counting into ``stats``."""
-        reader = spool.read_rows()
+        # Table snapshots' watermarks become SNAPSHOT changes in stream order (core.snapshot).
+        merger = SnapshotMerger(window.abandoned_chunks)
+        buf = spool.copy_rows()
+        if buf is None:
+            reader = spool.read_rows()
+            assert isinstance(reader, RowReader)  # rows that are not COPY text are pickled rows
+            chunks = self._record_chunks_of_rows(reader, merger, stats)
+        else:
+            # A text plugin's COPY rows: the compiled lane where it can (test_decoding), the Python loop otherwise.
+            chunks = record_chunks_from_copy(
+                buf, 0, len(buf), decoder=self.decoder, builder=self.builder, schema_keys=self.schema_keys,
+                merger=merger, chunk_changes=self.budget.chunk_changes, chunk_bytes=self.budget.chunk_bytes,
+                stats=stats,
+            )
+        with _gc_paused():
+            try:
+                for chunk in chunks:
+                    yield chunk
+                    if isinstance(buf, mmap.mmap):
+                        # The spool file's pages read so far leave this process's memory (they stay in the page
+                        # cache; a page still needed comes back at the cost of a minor fault).
+                        buf.madvise(mmap.MADV_DONTNEED)
+            except DecodeError as exc:
+                raise exc.with_slot(window.slot) from None
+            finally:
+                chunks.close()
+                if isinstance(buf, mmap.mmap):
+                    buf.close()
+        if merger.stats.orphan_high:
+            log.warning("window %s..%s (advance to %s, abandoned %s): %d snapshot high watermarks without a low one",
+                        format_lsn(window.start_lsn), format_lsn(window.upto_lsn),
+                        format_lsn(window.advance_to or 0), window.abandoned_chunks, merger.stats.orphan_high)
+
+    def _record_chunks_of_rows(self, reader: RowReader, merger: SnapshotMerger,
+                               stats: BatchStats) -> Iterator[RecordChunk]:
+        """The records of a binary plugin's spooled rows (pgoutput): decoder -> snapshot merger -> keys -> builder."""
         chunk_changes, chunk_bytes = self.budget.chunk_changes, self.budget.chunk_bytes
         chunk = RecordChunk()
         commits: dict[tuple[int, int], tuple[int, str | None]] = {}
@@ -652,31 +689,21 @@ class Replicator:
                 commits[key] = (row[0], self.decoder.commit_time(row[2]))
             part.commit(*commits[key])
 
-        # Table snapshots' watermarks become SNAPSHOT changes in stream order (core.snapshot).
-        merger = SnapshotMerger(window.abandoned_chunks)
-        with _gc_paused():
-            try:
-                # Keys follow the schema as the stream goes (core.schema_keys): it sees each part before it is keyed.
-                decoded = self.decoder.decode(reader, part_size=chunk_changes)
-                for txn in merger.follow(self.schema_keys.follow(decoded, self.decoder)):
-                    if txn.partial:
-                        stamp(txn)
-                    first = len(chunk.records)
-                    self.builder.add(txn, chunk.records, stats)
-                    added = chunk.records[first:]
-                    chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
-                    chunk.record_bytes += sum(r.size for r in added)
-                    if not txn.partial and not merger.open:
-                        chunk.advance_to = txn.commit_lsn
-                    if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
-                        yield chunk
-                        chunk = RecordChunk()
-            except DecodeError as exc:
-                raise exc.with_slot(window.slot) from None
-        if merger.stats.orphan_high:
-            log.warning("window %s..%s (advance to %s, abandoned %s): %d snapshot high watermarks without a low one",
-                        format_lsn(window.start_lsn), format_lsn(window.upto_lsn),
-                        format_lsn(window.advance_to or 0), window.abandoned_chunks, merger.stats.orphan_high)
+        # Keys follow the schema as the stream goes (core.schema_keys): it sees each part before it is keyed.
+        decoded = self.decoder.decode(reader, part_size=chunk_changes)
+        for txn in merger.follow(self.schema_keys.follow(decoded, self.decoder)):
+            if txn.partial:
+                stamp(txn)
+            first = len(chunk.records)
+            self.builder.add(txn, chunk.records, stats)
+            added = chunk.records[first:]
+            chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
+            chunk.record_bytes += sum(r.size for r in added)
+            if not txn.partial and not merger.open:
+                chunk.advance_to = txn.commit_lsn
+            if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
+                yield chunk
+                chunk = RecordChunk()
         if chunk.records or chunk.advance_to is not None:
             yield chunk
 

@@ -138,36 +138,17 @@ class RowReader:
 
 
 class CopyRowReader:
-    """A window's COPY rows (``rows.copy``) read back in order, with :class:`RowReader`'s look-ahead.
-
-    Reads the file line by line (bounded memory whatever the window's size); ``offset`` is the byte position of
-    the next row.
-    """
+    """A window's COPY rows (``rows.copy``) as slot rows, in order, read line by line (bounded memory). The pipeline
+    reads the file itself (mmapped, by the COPY lane); this is for looking at a spool."""
 
     def __init__(self, path: Path, rows: int) -> None:
         self._path = path
         self._rows = rows
-        self.offset = 0
 
     def __iter__(self) -> Iterator[SlotRow]:
-        left = self._rows
         with open(self._path, "rb") as f:
-            for line in f:
-                if left <= 0:
-                    return
-                left -= 1
-                self.offset += len(line)
+            for _, line in zip(range(self._rows), f, strict=False):
                 yield parse_row(line[:-1])
-
-    def find_next(self, predicate: Callable[[str | bytes], bool]) -> SlotRow | None:
-        """The first row at or after the reading position whose data satisfies ``predicate``."""
-        with open(self._path, "rb") as f:
-            f.seek(self.offset)
-            for line in f:
-                row = parse_row(line[:-1])
-                if predicate(row[2]):
-                    return row
-        return None
 
 
 def _records_to_columns(chunk: RecordChunk) -> dict[str, Any]:

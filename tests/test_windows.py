@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pg2kinesis_dagster import pipeline
 from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import parse_lsn
 from pg2kinesis_dagster.devstack.moto import MotoServer
@@ -223,6 +224,7 @@ def test_a_whole_window_formats_ahead_and_publishes_what_the_steps_publish(
 @pytest.mark.parametrize("failing", ["format", "put"])
 def test_a_failure_while_formatting_ahead_leaves_the_slot_at_an_acknowledged_commit(
     pg_server: PostgresServer, sample_db: str, pg_conn, moto_server: MotoServer, kinesis_stream: str, failing: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=60) as r:
         r.prepare()
@@ -231,20 +233,21 @@ def test_a_failure_while_formatting_ahead_leaves_the_slot_at_an_acknowledged_com
         if failing == "put":
             fail_on_put(r, 4)
         else:
-            # The decoder fails on its 100th transaction: chunks formatted before it are published first.
-            real_decode = r.decoder.decode
+            # Formatting fails after its 4th chunk: the chunks formatted before it are published first.
+            real_chunks = pipeline.record_chunks_from_copy
 
-            def decode(rows, **kwargs):  # type: ignore[no-untyped-def]
-                for n, txn in enumerate(real_decode(rows, **kwargs)):
-                    if n == 100:
-                        raise PutFails("injected decoding failure")
-                    yield txn
+            def record_chunks_from_copy(*args, **kwargs):  # type: ignore[no-untyped-def]
+                for n, chunk in enumerate(real_chunks(*args, **kwargs)):
+                    if n == 4:
+                        raise PutFails("injected formatting failure")
+                    yield chunk
 
-            r.decoder.decode = decode  # type: ignore[method-assign]
+            monkeypatch.setattr(pipeline, "record_chunks_from_copy", record_chunks_from_copy)
         with pytest.raises(PutFails):
             r.run_window()
         assert not _format_threads(), "the formatting thread outlived the failure"
         assert confirmed_flush(pg_server, sample_db) != before, "nothing was checkpointed before the failure"
+    monkeypatch.undo()
     with make_replicator(pg_server, sample_db, moto_server, kinesis_stream, chunk_changes=60) as r:
         r.drain()
     # Had the slot passed anything unacknowledged, the rerun would not send it again: it would be lost.

@@ -579,6 +579,8 @@ cdef class TestDecodingLane:
     cdef bytes t_xid_dec, t_commit_text, t_json_txn
     cdef Py_ssize_t t_commit_row, t_commit_end
     cdef long t_index
+    # records and bytes of the transaction being read since it began or was last split by a full chunk
+    cdef Py_ssize_t t_part_records, t_part_bytes
     # counters not yet added to a BatchStats
     cdef long n_transactions, n_changes, n_published, n_filtered, n_skipped, n_no_key
     cdef long long n_record_bytes
@@ -758,8 +760,10 @@ cdef class TestDecodingLane:
             Py_ssize_t max_records, Py_ssize_t max_bytes) -> int:
         """Read rows of ``buf`` from ``pos`` (before ``end``), appending records and their commit LSNs.
 
-        Returns END (every row read, no transaction open), CHUNK_FULL (``records`` reached ``max_records`` or
-        the chunk's bytes, starting from ``record_bytes``, reached ``max_bytes``), NEED_TABLE (register
+        Returns END (every row read, no transaction open), CHUNK_FULL (a transaction ended with ``records`` at
+        ``max_records`` or more, or the chunk's bytes, starting from ``record_bytes``, at ``max_bytes``; or, in a
+        transaction larger than that, its part read since it began or was last split reached either: the chunks
+        the decoder's ``part_size`` makes), NEED_TABLE (register
         ``need``, then run again) or SLOW (the row at ``pos`` is the Python path's; ``in_txn`` tells whether it
         is inside the transaction this lane is reading). ``pos``, ``record_bytes`` and ``advance_to`` (the
         last transaction completed in this call, or None) say where it stopped.
@@ -790,6 +794,10 @@ cdef class TestDecodingLane:
                 self.in_txn = False
                 self.advance_to = self.t_commit_obj
                 pos = self.t_commit_end
+                if PyList_GET_SIZE(records) >= max_records or self.record_bytes >= max_bytes:
+                    # Chunks end with a whole transaction where they can: a checkpoint, a place to stop.
+                    self.pos = pos
+                    return _CHUNK_FULL
                 continue
             nl = <const uint8_t*>memchr(b + pos, 10, end - pos)
             if nl == NULL:
@@ -817,12 +825,14 @@ cdef class TestDecodingLane:
                 if status != _OK:
                     return status
                 pos = e + 1
-                if PyList_GET_SIZE(records) >= max_records or self.record_bytes >= max_bytes:
+                if self.t_part_records >= max_records or self.t_part_bytes >= max_bytes:
+                    # A transaction larger than a chunk is split, as the decoder's part_size splits it.
                     if pos == self.t_commit_row:  # the transaction ends here: let the chunk carry its end
                         self.n_transactions += 1
                         self.in_txn = False
                         self.advance_to = self.t_commit_obj
                         pos = self.t_commit_end
+                    self.t_part_records = self.t_part_bytes = 0
                     self.pos = pos
                     return _CHUNK_FULL
                 continue
@@ -930,6 +940,7 @@ cdef class TestDecodingLane:
         self.t_commit_row = cs
         self.t_commit_end = ce + 1
         self.t_index = 0
+        self.t_part_records = self.t_part_bytes = 0
         return _OK
 
     cdef Py_ssize_t _tuple(self, const uint8_t* b, Py_ssize_t i, Py_ssize_t e) except -2:
@@ -1287,6 +1298,8 @@ cdef class TestDecodingLane:
         PyList_Append(records, record)
         PyList_Append(commit_lsns, self.t_commit_obj)
         self.record_bytes += size
+        self.t_part_records += 1
+        self.t_part_bytes += size
         self.n_changes += 1
         self.n_published += 1
         self.n_record_bytes += o.n
