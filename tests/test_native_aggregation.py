@@ -1,8 +1,9 @@
 """The compiled KPL aggregation (kinesis/_kpl.pyx) against its pure-Python reference.
 
 For every input, ``_kpl.aggregate`` must give what ``aggregation.aggregate_python`` gives, field by field and
-in the same order (the same Record objects inside), or raise the same error. Hypothesis generates the inputs;
-aws-kinesis-agg reads the aggregates back.
+in the same order (the same Record objects inside), or raise the same error; ``_kpl.first_invalid`` must find
+the first record ``check_record`` rejects. Hypothesis generates the inputs; aws-kinesis-agg reads the
+aggregates back.
 
 The module is imported directly (not through ``native.load``), so these tests compare both paths even under
 ``PG2K_NATIVE=0``. Without the module they skip, unless ``PG2K_REQUIRE_NATIVE=1`` (CI), where they fail.
@@ -26,11 +27,13 @@ from pg2kinesis_dagster.core.batching import (
     OrderingKeys,
     Record,
     SharedKey,
+    check_record,
     new_record,
 )
-from pg2kinesis_dagster.core.errors import RecordTooLargeError
+from pg2kinesis_dagster.core.errors import RecordTooLargeError, SinkError
 from pg2kinesis_dagster.kinesis import aggregation
 from pg2kinesis_dagster.kinesis.aggregation import AggregatedRecord, Shard, ShardMap, aggregate_python
+from pg2kinesis_dagster.kinesis.sink import KinesisSink
 from tests.test_aggregation import deaggregate
 
 H = 2**128
@@ -351,3 +354,106 @@ def test_embedded_md5_at_block_boundaries(kpl: ModuleType) -> None:
     for n in (*range(50, 70), *range(110, 135), 1000, 100_000):
         data = bytes(i * 7 % 256 for i in range(n))
         assert kpl.md5(data) == hashlib.md5(data).digest(), n
+
+
+# -- first_invalid against check_record -------------------------------------------------------------------
+
+
+def first_rejected(records: list[Record], limit: int, start: int = 0) -> int:
+    for i in range(start, len(records)):
+        try:
+            check_record(records[i], limit)
+        except SinkError:
+            return i
+    return -1
+
+
+HASH_KEY_CASES = [
+    None, "0", "1", "00", "01", "7", str(H - 1), str(H), str(H + 1), "9" * 39, "1" + "0" * 38, "9" * 38,
+    "1" * 40, "", "-1", "+1", " 1", "1 ", "abc", "\u0661", "1.0", "0x10", "340282366920938463463374607431768211455",
+    "340282366920938463463374607431768211456", "340282366920938463463374607431768211457",
+]
+
+
+@st.composite
+def checked_records(draw: st.DrawFn) -> tuple[list[Record], int]:
+    """Mostly valid records, a few with one fault each, at either side of its boundary."""
+    limit = draw(st.integers(1, 2000))
+    records = []
+    for i in range(draw(st.integers(0, 30))):
+        fault = draw(st.sampled_from(["none", "none", "none", "key", "hash", "size"]))
+        alphabet = draw(st.sampled_from(["k", "é", "😀"]))
+        chars = draw(st.sampled_from([0, 1, 255, 256, 257, 300]) if fault == "key" else st.integers(1, 5))
+        pk = alphabet * chars
+        ehk = draw(st.one_of(st.sampled_from(HASH_KEY_CASES), st.integers(0, H + 5).map(str), st.text(max_size=5))
+                   if fault == "hash" else st.sampled_from([None, None, "0", str(H - 1)]))
+        key_bytes = len(pk.encode())
+        size = draw(st.integers(limit - 2, limit + 2) if fault == "size" else st.integers(0, limit))
+        records.append(Record(b"d" * max(0, size - key_bytes), pk, i, f"c{i}", explicit_hash_key=ehk))
+    return records, limit
+
+
+@settings(max_examples=800, deadline=None)
+@given(checked_records(), st.integers(0, 5))
+def test_first_invalid_is_the_first_record_check_record_rejects(
+        kpl: ModuleType, case: tuple[list[Record], int], start: int) -> None:
+    records, limit = case
+    assert kpl.first_invalid(records, limit, 0) == first_rejected(records, limit)
+    assert kpl.first_invalid(tuple(records), limit, start) == first_rejected(records, limit, start)
+
+
+@pytest.mark.parametrize("hash_key", HASH_KEY_CASES)
+def test_first_invalid_judges_hash_keys_as_check_record(kpl: ModuleType, hash_key: str | None) -> None:
+    records = [Record(b"x", "k", 1, "c0"), Record(b"x", "k", 1, "c1", explicit_hash_key=hash_key)]
+    assert kpl.first_invalid(records, MAX_RECORD_BYTES) == first_rejected(records, MAX_RECORD_BYTES)
+
+
+@pytest.mark.parametrize("chars", [0, 1, 255, 256, 257])
+@pytest.mark.parametrize("alphabet", ["k", "é", "😀"])
+def test_first_invalid_counts_partition_key_characters(kpl: ModuleType, chars: int, alphabet: str) -> None:
+    records = [Record(b"x", "k", 1, "c0"), Record(b"x", alphabet * chars, 1, "c1")]
+    assert kpl.first_invalid(records, MAX_RECORD_BYTES) == first_rejected(records, MAX_RECORD_BYTES)
+
+
+def test_first_invalid_limits(kpl: ModuleType) -> None:
+    records = [Record(b"x" * 10, "k", 1, "c0")]  # 11 bytes
+    assert [kpl.first_invalid(records, n) for n in (10, 11, 2**70, -(2**70))] == [0, -1, -1, 0]
+    assert kpl.first_invalid([], 10) == -1
+    # A Record subclass is judged through getattr; a field of another type is left to check_record (reported
+    # as a suspect, which the sink then checks and passes).
+    odd = [AggregatedRecord(b"x", "k", 1, "c0"), Record(b"x", Key("k"), 1, "c1")]
+    assert (kpl.first_invalid(odd, 100), first_rejected(odd, 100)) == (1, -1)
+
+
+def test_sink_raises_the_first_invalid_records_error(kpl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = bench_records(1000)
+    records[700] = Record(b"x", "", 1, "empty-key")
+    records[800] = Record(b"x", "k", 1, "bad-hash", explicit_hash_key="01")
+    for native in ("1", "0"):
+        monkeypatch.setenv("PG2K_NATIVE", native)
+        sink = KinesisSink(object(), "stream")
+        with pytest.raises(SinkError, match="record empty-key: partition key '' has 0 characters"):
+            sink.put(records)
+        with pytest.raises(SinkError, match="record bad-hash: explicit hash key '01'"):
+            sink.put(records[:700] + records[701:])
+
+
+def test_sink_learns_the_streams_limit_before_judging_a_large_record(
+        kpl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Larger than 1 MiB: allowed if the stream takes larger records, which the sink asks once.
+    big = Record(b"x" * (MAX_RECORD_BYTES + 10), "k", 1, "big")
+    huge = Record(b"x" * (3 * MAX_RECORD_BYTES), "k", 1, "huge")
+    for native in ("1", "0"):
+        monkeypatch.setenv("PG2K_NATIVE", native)
+        sink = KinesisSink(object(), "stream")
+        checks: list[int] = []
+
+        def check_stream(sink: KinesisSink = sink, checks: list[int] = checks) -> dict[str, Any]:
+            checks.append(1)
+            sink._max_record_bytes = 2 * MAX_RECORD_BYTES
+            return {}
+
+        monkeypatch.setattr(sink, "check_stream", check_stream)
+        with pytest.raises(RecordTooLargeError, match="record huge is"):
+            sink.put([*bench_records(3), big, *bench_records(3), huge])
+        assert checks == [1]

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled twin of :mod:`pg2kinesis_dagster.kinesis.aggregation`'s ``aggregate``.
+"""Compiled twins of :mod:`pg2kinesis_dagster.kinesis.aggregation`'s ``aggregate`` and of the sink's record check.
 
 The pure-Python code stays the reference: for the same input this module gives the same aggregates (same bytes,
 keys, ids, user records, order) and raises the same errors; tests/test_native_aggregation.py compares them.
@@ -18,6 +18,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject, PyObject_Hash
 from cpython.tuple cimport PyTuple_GET_ITEM
 from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
@@ -81,6 +82,36 @@ cdef extern from *:
     #else
         return PyDict_New();
     #endif
+    }
+
+    /* batching._valid_hash_key for an exact str: Kinesis's 0|([1-9]\d{0,38}) below 2**128. */
+    static int kpl_valid_hash_key(PyObject *s) {
+        if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_ASCII(s)) return 0;
+        Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+        const char *c = (const char *)PyUnicode_DATA(s);
+        if (n < 1 || n > 39) return 0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (c[i] < '0' || c[i] > '9') return 0;
+        if (n > 1 && c[0] == '0') return 0;
+        /* 39 digits: below 2**128 exactly when below its decimal digits, compared as text. */
+        if (n == 39 && memcmp(c, "340282366920938463463374607431768211456", 39) >= 0) return 0;
+        return 1;
+    }
+
+    /* check_record's verdict on a record whose fields are the expected exact types: 1 passes; 0 fails or is
+       not a shape judged here (the caller then asks check_record). Fields are borrowed (NULL: unset). */
+    static int kpl_record_ok(PyObject *pk, PyObject *ehk, PyObject *size, long long limit,
+                             Py_ssize_t min_chars, Py_ssize_t max_chars) {
+        if (pk == NULL || ehk == NULL || size == NULL || !PyUnicode_CheckExact(pk)) return 0;
+        Py_ssize_t chars = PyUnicode_GET_LENGTH(pk);
+        if (chars < min_chars || chars > max_chars) return 0;
+        if (ehk != Py_None && !kpl_valid_hash_key(ehk)) return 0;
+        if (!PyLong_CheckExact(size)) return 0;
+        int overflow = 0;
+        long long n = PyLong_AsLongLongAndOverflow(size, &overflow);
+        if (overflow) { PyErr_Clear(); return overflow < 0; }
+        if (n == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+        return n <= limit;
     }
 
     /* MD5 (RFC 1321) for partition keys: a few dozen bytes each, where a hashlib object per key costs several
@@ -191,6 +222,8 @@ cdef extern from *:
     int kpl_dict_get(object d, object key, Py_hash_t h, PyObject **value) except -1
     int kpl_dict_set(object d, object key, object value, Py_hash_t h) except -1
     dict kpl_dict_sized(Py_ssize_t n)
+    int kpl_record_ok(PyObject *pk, PyObject *ehk, PyObject *size, long long limit, Py_ssize_t min_chars,
+                      Py_ssize_t max_chars) noexcept
     void kpl_md5(const unsigned char *p, size_t n, unsigned char *out) nogil
 
 
@@ -687,3 +720,46 @@ cdef object _aggregate(object records, object shard_map, Py_ssize_t max_bytes, P
 
 def _seq_of(b: _Builder) -> int:
     return b.seq
+
+
+# -- the sink's validation -----------------------------------------------------------------------------------
+
+from pg2kinesis_dagster.core.batching import MAX_PARTITION_KEY_CHARS, MIN_PARTITION_KEY_CHARS
+
+cdef Py_ssize_t _MIN_CHARS = MIN_PARTITION_KEY_CHARS
+cdef Py_ssize_t _MAX_CHARS = MAX_PARTITION_KEY_CHARS
+
+
+def first_invalid(records: object, max_record_bytes: int, start: int = 0) -> int:
+    """The index of the first record from ``start`` on that ``check_record(record, max_record_bytes)`` rejects,
+    or -1 when none does.
+
+    Exact for Records whose fields have their declared types; a record of any other shape is reported too (as
+    if it failed), so the caller's ``check_record`` on it decides and the caller goes on after it.
+    """
+    cdef Py_ssize_t i, n, begin = start
+    cdef long long limit
+    cdef PyObject *item
+    if not isinstance(records, (list, tuple)):
+        records = list(records)
+    cdef bint is_list = type(records) is list
+    n = len(records)
+    try:
+        limit = max_record_bytes
+    except OverflowError:
+        limit = LLONG_MAX if max_record_bytes > 0 else LLONG_MIN
+    for i in range(max(begin, 0), n):
+        item = PyList_GET_ITEM(records, i) if is_list else PyTuple_GET_ITEM(records, i)
+        if FAST_SLOTS and type(<object>item) is Record:
+            if not kpl_record_ok(kpl_slot(item, OFF_PK), kpl_slot(item, OFF_EHK), kpl_slot(item, OFF_SIZE),
+                                 limit, _MIN_CHARS, _MAX_CHARS):
+                return i
+        else:
+            record = <object>item
+            pk = getattr(record, "partition_key")
+            ehk = getattr(record, "explicit_hash_key")
+            size = getattr(record, "size")
+            if not kpl_record_ok(<PyObject *>pk, <PyObject *>ehk, <PyObject *>size, limit, _MIN_CHARS,
+                                 _MAX_CHARS):
+                return i
+    return -1
