@@ -120,17 +120,20 @@ cdef extern from *:
     #define KPL_H(x, y, z) ((x) ^ (y) ^ (z))
     #define KPL_I(x, y, z) ((y) ^ ((x) | ~(z)))
     #define KPL_ROT(a, s) (((a) << (s)) | ((a) >> (32 - (s))))
-    #define KPL_STEP(f, a, b, c, d, x, t, s) (a) += f((b), (c), (d)) + (x) + (uint32_t)(t); (a) = KPL_ROT((a), (s)) + (b);
+    #define KPL_STEP(f, a, b, c, d, x, t, s) \\
+        (a) += f((b), (c), (d)) + (x) + (uint32_t)(t); (a) = KPL_ROT((a), (s)) + (b);
     /* G(b,c,d) = (b & d) | (c & ~d): the two halves never overlap, so they can be added separately and the
        one not needing b (the previous step's result) computed early. */
-    #define KPL_GSTEP(a, b, c, d, x, t, s) (a) += (x) + (uint32_t)(t) + ((c) & ~(d)); (a) += (b) & (d); (a) = KPL_ROT((a), (s)) + (b);
+    #define KPL_GSTEP(a, b, c, d, x, t, s) \\
+        (a) += (x) + (uint32_t)(t) + ((c) & ~(d)); (a) += (b) & (d); (a) = KPL_ROT((a), (s)) + (b);
     static void kpl_md5_block(uint32_t st[4], const unsigned char *p) {
         uint32_t x[16];
     #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         memcpy(x, p, 64);
     #else
         for (int i = 0; i < 16; i++)
-            x[i] = (uint32_t)p[i*4] | ((uint32_t)p[i*4+1] << 8) | ((uint32_t)p[i*4+2] << 16) | ((uint32_t)p[i*4+3] << 24);
+            x[i] = (uint32_t)p[i * 4] | ((uint32_t)p[i * 4 + 1] << 8) | ((uint32_t)p[i * 4 + 2] << 16)
+                   | ((uint32_t)p[i * 4 + 3] << 24);
     #endif
         uint32_t a = st[0], b = st[1], c = st[2], d = st[3];
         KPL_STEP(KPL_F, a, b, c, d, x[0], 0xd76aa478, 7)
@@ -212,8 +215,10 @@ cdef extern from *:
         kpl_md5_block(st, tail);
         if (end == 128) kpl_md5_block(st, tail + 64);
         for (int i = 0; i < 4; i++) {
-            out[i*4] = (unsigned char)st[i]; out[i*4+1] = (unsigned char)(st[i] >> 8);
-            out[i*4+2] = (unsigned char)(st[i] >> 16); out[i*4+3] = (unsigned char)(st[i] >> 24);
+            out[i * 4] = (unsigned char)st[i];
+            out[i * 4 + 1] = (unsigned char)(st[i] >> 8);
+            out[i * 4 + 2] = (unsigned char)(st[i] >> 16);
+            out[i * 4 + 3] = (unsigned char)(st[i] >> 24);
         }
     }
     """
@@ -225,8 +230,6 @@ cdef extern from *:
     int kpl_record_ok(PyObject *pk, PyObject *ehk, PyObject *size, long long limit, Py_ssize_t min_chars,
                       Py_ssize_t max_chars) noexcept
     void kpl_md5(const unsigned char *p, size_t n, unsigned char *out) nogil
-
-
 
 
 def md5(data: bytes) -> bytes:
@@ -243,6 +246,8 @@ def md5_keys(keys: list, use_hashlib: bool) -> None:
     cdef bytes key
     md5_of = hashlib.md5
     for key in keys:
+        if key is None:  # a bytes variable also takes None
+            raise TypeError("md5_keys takes bytes keys")
         if use_hashlib:
             md5_of(key).digest()
         else:
