@@ -308,6 +308,10 @@ def test_unusual_record_shapes_give_the_reference_result(kpl: ModuleType, odd: C
     assert_same(kpl, records, eight_shards(), 120, None)
 
 
+class Records(list[Record]):
+    """A list subclass: indexed through a plain copy."""
+
+
 def test_any_iterable_and_unusual_arguments(kpl: ModuleType) -> None:
     records = bench_records(50)
     want = [fields(a) for a in aggregate_python(records, eight_shards())]
@@ -317,6 +321,7 @@ def test_any_iterable_and_unusual_arguments(kpl: ModuleType) -> None:
 
     assert [fields(a) for a in kpl.aggregate(gen(), eight_shards(), MAX_RECORD_BYTES, None)] == want
     assert [fields(a) for a in kpl.aggregate(tuple(records), eight_shards(), MAX_RECORD_BYTES, None)] == want
+    assert [fields(a) for a in kpl.aggregate(Records(records), eight_shards(), MAX_RECORD_BYTES, None)] == want
     assert_same(kpl, records, eight_shards(), 2**70, None)  # beyond C integers: the reference's arithmetic
     assert_same(kpl, records, eight_shards(), 300, 2**70)
     assert_same(kpl, records, eight_shards(), -5, None)
@@ -419,6 +424,8 @@ def test_first_invalid_limits(kpl: ModuleType) -> None:
     records = [Record(b"x" * 10, "k", 1, "c0")]  # 11 bytes
     assert [kpl.first_invalid(records, n) for n in (10, 11, 2**70, -(2**70))] == [0, -1, -1, 0]
     assert kpl.first_invalid([], 10) == -1
+    assert kpl.first_invalid(Records([records[0], records[0]]), 10, 1) == 1
+    assert kpl.first_invalid(iter(records), 10) == 0
     # A Record subclass is judged through getattr; a field of another type is left to check_record (reported
     # as a suspect, which the sink then checks and passes).
     odd = [AggregatedRecord(b"x", "k", 1, "c0"), Record(b"x", Key("k"), 1, "c1")]

@@ -568,8 +568,10 @@ cdef class _Run:
 
 def aggregate(records: object, shard_map: object, max_bytes: object, max_record_bytes: object) -> list:
     """``aggregation.aggregate_python``'s result for the same arguments, computed in C where it can be."""
-    if not isinstance(records, (list, tuple)):
-        records = list(records)  # an iterator must survive a hand-over to the reference
+    if type(records) is not list and type(records) is not tuple:
+        # Indexed in place below: exactly a list or a tuple; and an iterator must survive a hand-over to the
+        # reference.
+        records = list(records)
     if (type(shard_map) is not ShardMap or type(max_bytes) is not int
             or (max_record_bytes is not None and type(max_record_bytes) is not int)):
         return aggregate_python(records, shard_map, max_bytes, max_record_bytes)
@@ -620,8 +622,11 @@ cdef object _aggregate(object records, object shard_map, Py_ssize_t max_bytes, P
         run.seq = 0
         run.max_bytes = max_bytes
 
-        for i in range(n):
+        i = 0
+        # The length is read each time, as a list iterator does: a key's __eq__ could shorten the list.
+        while i < (PyList_GET_SIZE(records) if is_list else n):
             record = <object>(PyList_GET_ITEM(records, i) if is_list else PyTuple_GET_ITEM(records, i))
+            i += 1
             fast = FAST_SLOTS and type(record) is Record
             size = _field(record, fast, OFF_SIZE, "size")
             if type(size) is not int:
@@ -745,15 +750,16 @@ def first_invalid(records: object, max_record_bytes: int, start: int = 0) -> int
     cdef Py_ssize_t i, n, begin = start
     cdef long long limit
     cdef PyObject *item
-    if not isinstance(records, (list, tuple)):
-        records = list(records)
+    if type(records) is not list and type(records) is not tuple:
+        records = list(records)  # indexed in place below: exactly a list or a tuple
     cdef bint is_list = type(records) is list
     n = len(records)
     try:
         limit = max_record_bytes
     except OverflowError:
         limit = LLONG_MAX if max_record_bytes > 0 else LLONG_MIN
-    for i in range(max(begin, 0), n):
+    i = max(begin, 0)
+    while i < (PyList_GET_SIZE(records) if is_list else n):  # getattr on an odd record may run any code
         item = PyList_GET_ITEM(records, i) if is_list else PyTuple_GET_ITEM(records, i)
         if FAST_SLOTS and type(<object>item) is Record:
             if not kpl_record_ok(kpl_slot(item, OFF_PK), kpl_slot(item, OFF_EHK), kpl_slot(item, OFF_SIZE),
@@ -767,4 +773,5 @@ def first_invalid(records: object, max_record_bytes: int, start: int = 0) -> int
             if not kpl_record_ok(<PyObject *>pk, <PyObject *>ehk, <PyObject *>size, limit, _MIN_CHARS,
                                  _MAX_CHARS):
                 return i
+        i += 1
     return -1
