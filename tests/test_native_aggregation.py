@@ -346,6 +346,11 @@ def test_aggregate_dispatches_to_the_native_one_unless_turned_off(kpl: ModuleTyp
     assert calls == [1]
 
 
+def test_fast_paths_are_on(kpl: ModuleType) -> None:
+    # Off means Record or AggregatedRecord changed shape: still correct (getattr, the class), but slower.
+    assert kpl.fast_paths() == {"record_slots": True, "aggregated_record_slots": True}
+
+
 # -- the embedded MD5 (routing) ----------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ the machine's integers) are handed to the Python reference whole, which is safe 
 effects: the result is the reference's by construction.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
@@ -22,6 +23,7 @@ from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
+import dataclasses
 import hashlib
 
 from pg2kinesis_dagster.core.batching import OrderingKeys, Record, SharedKey
@@ -55,6 +57,14 @@ cdef extern from *:
     /* The slot's value, borrowed; NULL when unset (the caller then asks getattr, which raises). */
     static inline PyObject *kpl_slot(PyObject *obj, Py_ssize_t offset) {
         return *(PyObject **)((char *)obj + offset);
+    }
+    /* What object.__setattr__ does to a slot of a frozen dataclass being initialised. */
+    static inline void kpl_set_slot(PyObject *obj, Py_ssize_t offset, PyObject *value) {
+        PyObject **slot = (PyObject **)((char *)obj + offset);
+        PyObject *old = *slot;
+        Py_INCREF(value);
+        *slot = value;
+        Py_XDECREF(old);
     }
 
     /* One hash per row key and change instead of two (get, then set): Python does not cache a tuple's hash,
@@ -224,6 +234,7 @@ cdef extern from *:
     """
     Py_ssize_t kpl_slot_offset(PyObject *descr)
     PyObject *kpl_slot(PyObject *obj, Py_ssize_t offset)
+    void kpl_set_slot(PyObject *obj, Py_ssize_t offset, PyObject *value)
     int kpl_dict_get(object d, object key, Py_hash_t h, PyObject **value) except -1
     int kpl_dict_set(object d, object key, object value, Py_hash_t h) except -1
     dict kpl_dict_sized(Py_ssize_t n)
@@ -310,7 +321,10 @@ cdef struct Entry:
     int32_t ehk  # index in its explicit hash key table, -1: none
 
 
-cdef object _md5_of = hashlib.md5  # the aggregate's digest: OpenSSL's, faster than ours on long input
+# The aggregate's digest: OpenSSL's (faster than ours on long input, and it lets other threads run meanwhile),
+# but ours below SMALL_BODY bytes, where hashlib's objects cost more than the hash (one change per aggregate).
+cdef object _md5_of = hashlib.md5
+cdef Py_ssize_t SMALL_BODY = 512
 
 
 cdef class _Key:
@@ -330,6 +344,7 @@ cdef class _Key:
     cdef Py_ssize_t index
 
 
+@cython.no_gc  # in no reference cycle (only this module's locals point to builders): nothing for gc to scan
 cdef class _Builder:
     """``aggregation._Builder`` and its ``KplRecord`` in one: the aggregate being filled for one shard."""
 
@@ -388,9 +403,9 @@ cdef class _Builder:
             message_size = 0
             inner = 1 + _vsize(pk_i)
         if ehk is not None:
-            found = PyDict_GetItem(self.ehk_index, ehk)
+            found = NULL if self.ehk_index is None else PyDict_GetItem(self.ehk_index, ehk)
             if found is NULL:
-                new_ehk = PyList_GET_SIZE(self.ehk_table)
+                new_ehk = 0 if self.ehk_table is None else PyList_GET_SIZE(self.ehk_table)
                 message_size += _field_size(PyUnicode_GET_LENGTH(ehk))
                 inner += 1 + _vsize(new_ehk)
             else:
@@ -413,11 +428,14 @@ cdef class _Builder:
                 self.pk_index[pk] = pk_i
         if new_ehk >= 0:
             ehk_i = new_ehk
+            if self.ehk_index is None:
+                self.ehk_index = {}
+                self.ehk_table = []
             self.ehk_index[ehk] = ehk_i
             self.ehk_table.append(ehk)
         count = PyList_GET_SIZE(self.records)
         if count == self.capacity:
-            self.capacity = 256 if self.capacity == 0 else self.capacity * 2
+            self.capacity = 16 if self.capacity == 0 else self.capacity * 2
             grown = <Entry *>realloc(self.entries, self.capacity * sizeof(Entry))
             if grown is NULL:
                 raise MemoryError()
@@ -449,9 +467,10 @@ cdef class _Builder:
         for key in self.pk_table:
             text = PyUnicode_AsUTF8AndSize(key, &size)
             p = _put_bytes(p, 0x0A, text, size)
-        for key in self.ehk_table:
-            text = PyUnicode_AsUTF8AndSize(key, &size)
-            p = _put_bytes(p, 0x12, text, size)
+        if self.ehk_table is not None:
+            for key in self.ehk_table:
+                text = PyUnicode_AsUTF8AndSize(key, &size)
+                p = _put_bytes(p, 0x12, text, size)
         for i in range(PyList_GET_SIZE(self.records)):
             entry = self.entries[i]
             data = PyList_GET_ITEM(self.datas, i)  # borrowed: the list holds it, and exact bytes (checked)
@@ -469,8 +488,11 @@ cdef class _Builder:
             p = _put_bytes(p, 0x1A, PyBytes_AS_STRING(<object>data), size)
         if p - start != 4 + body:  # the running size and the bytes written disagree: a bug, never send it
             raise SystemError(f"KPL record sized {body} bytes, {p - start - 4} written")
-        digest = _md5_of(memoryview(out)[4 : 4 + body]).digest()
-        memcpy(p, PyBytes_AS_STRING(digest), 16)
+        if body < SMALL_BODY:
+            kpl_md5(start + 4, <size_t>body, <unsigned char *>p)
+        else:
+            digest = _md5_of(memoryview(out)[4 : 4 + body]).digest()
+            memcpy(p, PyBytes_AS_STRING(digest), 16)
         return out
 
     cdef object build(self, tuple shards):
@@ -491,16 +513,67 @@ cdef class _Builder:
         else:
             data = self.serialize()
             record_id = first.record_id if count == 1 else f"{first.record_id}..{last.record_id} ({count} changes)"
-        return AggregatedRecord(
-            data=data,
-            partition_key=self.partition_key,
-            ordering_key=ordering_key,
-            record_id=record_id,
-            explicit_hash_key=str(shard.starting_hash_key),
-            user_records=tuple(records),
-            shard_id=shard.shard_id,
-            aggregated=not self.plain,
-        )
+        return _aggregated_record(data, self.partition_key, ordering_key, record_id, str(shard.starting_hash_key),
+                                  tuple(records), shard.shard_id, not self.plain)
+
+
+# AggregatedRecord's fields, in its dataclass order (Record's, then its own).
+_AGG_FIELDS = ("data", "partition_key", "ordering_key", "record_id", "explicit_hash_key", "barrier", "size",
+               "user_records", "shard_id", "aggregated")
+cdef Py_ssize_t AGG_OFFSETS[10]
+cdef object _object_new = object.__new__
+
+
+cdef bint _fast_aggregated_records() except -1:
+    """Whether AggregatedRecord is still the slots dataclass whose __init__ the fast constructor repeats."""
+    if tuple(f.name for f in dataclasses.fields(AggregatedRecord)) != _AGG_FIELDS:
+        return False
+    if AggregatedRecord.__post_init__ is not Record.__post_init__ or AggregatedRecord.__new__ is not object.__new__:
+        return False
+    for i, name in enumerate(_AGG_FIELDS):
+        descriptor = getattr(AggregatedRecord, name)  # a slot's member descriptor, on the class
+        AGG_OFFSETS[i] = kpl_slot_offset(<PyObject *>descriptor)
+        if AGG_OFFSETS[i] < 0:
+            return False
+    return True
+
+
+cdef bint FAST_AGGREGATED = _fast_aggregated_records()
+
+
+def fast_paths() -> dict:
+    """Which in-place slot accesses are on (each turns itself off, to getattr or the class, when Record or
+    AggregatedRecord stops being the slots dataclass it was written for; the tests want them on)."""
+    return {"record_slots": FAST_SLOTS, "aggregated_record_slots": FAST_AGGREGATED}
+
+
+cdef object _aggregated_record(object data, object partition_key, object ordering_key, object record_id,
+                               object explicit_hash_key, tuple user_records, object shard_id, bint aggregated):
+    """``AggregatedRecord(data=..., ...)``: the frozen dataclass's __init__ (object.__setattr__ per field, then
+    __post_init__'s size) done on the slots directly, as batching.new_record does for Records. A one-change
+    aggregate (a keyless table's, whose shared table key crosses shards) otherwise costs 1.4 us in __init__."""
+    cdef Py_ssize_t key_bytes
+    cdef object size, flag, barrier = False  # Python objects: they go into the slots
+    if not FAST_AGGREGATED or type(data) is not bytes or type(partition_key) is not str:
+        return AggregatedRecord(data=data, partition_key=partition_key, ordering_key=ordering_key,
+                                record_id=record_id, explicit_hash_key=explicit_hash_key, user_records=user_records,
+                                shard_id=shard_id, aggregated=aggregated)
+    PyUnicode_AsUTF8AndSize(partition_key, &key_bytes)  # Record.__post_init__'s len(key.encode("utf-8"))
+    size = PyBytes_GET_SIZE(data) + key_bytes
+    flag = True if aggregated else False
+    record = _object_new(AggregatedRecord)
+    cdef PyObject *obj = <PyObject *>record
+    kpl_set_slot(obj, AGG_OFFSETS[0], <PyObject *>data)
+    kpl_set_slot(obj, AGG_OFFSETS[1], <PyObject *>partition_key)
+    kpl_set_slot(obj, AGG_OFFSETS[2], <PyObject *>ordering_key)
+    kpl_set_slot(obj, AGG_OFFSETS[3], <PyObject *>record_id)
+    kpl_set_slot(obj, AGG_OFFSETS[4], <PyObject *>explicit_hash_key)
+    kpl_set_slot(obj, AGG_OFFSETS[5], <PyObject *>barrier)
+    kpl_set_slot(obj, AGG_OFFSETS[6], <PyObject *>size)
+    kpl_set_slot(obj, AGG_OFFSETS[7], <PyObject *>user_records)
+    kpl_set_slot(obj, AGG_OFFSETS[8], <PyObject *>shard_id)
+    kpl_set_slot(obj, AGG_OFFSETS[9], <PyObject *>flag)
+    return record
 
 
 cdef inline bint _gt(object size, Py_ssize_t limit) except -1:
@@ -554,8 +627,8 @@ cdef class _Run:
         b.body_size = 0
         b.pk_table = []
         b.pk_index = None if key is not None else {}
-        b.ehk_index = {}
-        b.ehk_table = []
+        b.ehk_index = None  # made by the first explicit hash key
+        b.ehk_table = None
         if not b.add(record, key, pk, pk_len, data, ehk):
             b.plain = True  # does not fit in an envelope: sent as a plain record
             b.records.append(record)
