@@ -26,6 +26,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pg2kinesis_dagster import native
 from pg2kinesis_dagster.core.batching import (
     MAX_HASH_KEY_EXCLUSIVE,
     MAX_RECORD_BYTES,
@@ -333,6 +334,16 @@ class _Builder:
         )
 
 
+def too_large(record: Record, record_limit: int) -> RecordTooLargeError:
+    """The error for a change larger than any record the stream takes (shared with the compiled twin)."""
+    return RecordTooLargeError(
+        f"record {record.record_id} is {record.size} bytes (data plus partition key); Kinesis "
+        f"accepts at most {record_limit} bytes per record. Nothing was sent and the slot was not "
+        "advanced. Exclude or trim the large column(s) for this table, or choose a more compact "
+        "output format."
+    )
+
+
 def aggregate(
     records: Sequence[Record], shard_map: ShardMap, max_bytes: int = MAX_RECORD_BYTES,
     max_record_bytes: int | None = None,
@@ -345,7 +356,22 @@ def aggregate(
     keeps every row's changes in input order. A change too large for an aggregate goes as a plain record
     if it fits ``max_record_bytes`` (the stream's limit, default ``max_bytes``); otherwise
     :class:`RecordTooLargeError` names it.
+
+    The compiled twin (``_kpl.aggregate``) gives the same result when it is built and enabled
+    (:mod:`pg2kinesis_dagster.native`); :func:`aggregate_python` is the reference.
     """
+    kpl = native.load("pg2kinesis_dagster.kinesis._kpl")
+    if kpl is not None:
+        result: list[AggregatedRecord] = kpl.aggregate(records, shard_map, max_bytes, max_record_bytes)
+        return result
+    return aggregate_python(records, shard_map, max_bytes, max_record_bytes)
+
+
+def aggregate_python(
+    records: Sequence[Record], shard_map: ShardMap, max_bytes: int = MAX_RECORD_BYTES,
+    max_record_bytes: int | None = None,
+) -> list[AggregatedRecord]:
+    """:func:`aggregate` in pure Python: the reference the compiled twin must match, and its fallback."""
     out: list[_Builder] = []  # closed aggregates, in closing order
     open_by_shard: dict[str, _Builder] = {}
     last_builder: dict[Hashable, _Builder] = {}  # where each row's latest change went
@@ -360,12 +386,7 @@ def aggregate(
     record_limit = max_bytes if max_record_bytes is None else max(max_bytes, max_record_bytes)
     for record in records:
         if record.size > record_limit:
-            raise RecordTooLargeError(
-                f"record {record.record_id} is {record.size} bytes (data plus partition key); Kinesis "
-                f"accepts at most {record_limit} bytes per record. Nothing was sent and the slot was not "
-                "advanced. Exclude or trim the large column(s) for this table, or choose a more compact "
-                "output format."
-            )
+            raise too_large(record, record_limit)
         pk = record.partition_key
         if record.explicit_hash_key is not None:
             shard, pk_bytes = shard_map.shard_for(pk, record.explicit_hash_key), pk.encode("utf-8")

@@ -34,6 +34,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from pg2kinesis_dagster import native
 from pg2kinesis_dagster.core.batching import (
     DONE,
     IN_FLIGHT,
@@ -335,14 +336,7 @@ class KinesisSink:
         records first (one shard per aggregate, see :mod:`.aggregation`).
         """
         started = self._clock()
-        # Validate everything before sending anything: a bad record found halfway
-        # would leave a half-sent batch for the next run to resend.
-        limit = self.max_record_bytes
-        for record in records:
-            if record.size > limit and self._max_record_bytes is None:
-                self.check_stream()  # not checked yet (a re-executed publish step): learn the stream's limit
-                limit = self.max_record_bytes
-            check_record(record, limit)
+        self._check_records(records)
         total = len(records)
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
@@ -365,6 +359,37 @@ class KinesisSink:
             user_records=total,
             hot_rows=[] if self.aggregate else hot_rows(records),
         )
+
+    def _check_records(self, records: Sequence[Record]) -> None:
+        """Raise :func:`check_record`'s error for the first record Kinesis would reject.
+
+        Everything is validated before anything is sent: a bad record found halfway would leave a half-sent
+        batch for the next run to resend. The compiled ``first_invalid`` finds the suspects in one C pass instead
+        of a Python call per change; ``check_record`` judges each of them, so the error is the same.
+        """
+        limit = self.max_record_bytes
+        kpl = native.load("pg2kinesis_dagster.kinesis._kpl")
+        if kpl is None:
+            for record in records:
+                if record.size > limit and self._max_record_bytes is None:
+                    limit = self._learn_record_limit()
+                check_record(record, limit)
+            return
+        if not isinstance(records, (list, tuple)):
+            records = list(records)  # first_invalid is called again from each suspect on: index one copy
+        index = kpl.first_invalid(records, limit, 0)
+        while index >= 0:
+            record = records[index]
+            if record.size > limit and self._max_record_bytes is None:
+                limit = self._learn_record_limit()
+            check_record(record, limit)  # raises, unless the stream's limit turned out larger
+            index = kpl.first_invalid(records, limit, index + 1)
+
+    def _learn_record_limit(self) -> int:
+        """The stream's record limit, asked for when a record exceeds the default before the stream was checked
+        (a re-executed publish step)."""
+        self.check_stream()
+        return self.max_record_bytes
 
     def _put_aggregated(self, records: Sequence[Record], progress: _Progress) -> int:
         """Aggregate and send ``records``; returns the number of Kinesis records written."""
