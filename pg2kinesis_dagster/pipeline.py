@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -67,7 +68,7 @@ from pg2kinesis_dagster.core.window import (
     change_index,
 )
 from pg2kinesis_dagster.core.window_scan import copy_window_writer
-from pg2kinesis_dagster.kinesis.sink import KinesisSink
+from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
@@ -779,22 +780,27 @@ class Replicator:
         should_stop: Callable[[], bool] | None,
     ) -> tuple[PutTotals, int | None, bool]:
         """The loop of :meth:`_publish_chunks`; ``confirmed`` is the last acknowledged commit, which the slot
-        reaches once ``checkpoints`` made the advance in progress."""
+        reaches once ``checkpoints`` made the advance in progress.
+
+        Chunks are sent one after another, each once the one before is acknowledged, by a thread of their own:
+        the next chunk is validated and aggregated (``sink.prepare``) while the last one is on the wire. What
+        the next chunk skips does not depend on the last one's outcome (records of a transaction it completed
+        are all in it; an open transaction's acknowledged part is the last one's own records).
+        """
         totals = PutTotals()
-        for info, load in chunks:
-            if (
-                confirmed is not None
-                and (info.last_commit_lsn is None or info.last_commit_lsn <= confirmed)
-                and (info.advance_to is None or info.advance_to <= confirmed)
-            ):
-                totals = replace(totals, skipped_records=totals.skipped_records + info.records)
-                continue
-            chunk = load()
-            records = chunk.after(confirmed, progress)
-            totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
-            if records:
+        sender = ThreadPoolExecutor(1, thread_name_prefix="pg2k-publish")
+        # The chunk on the wire, its records, and the answer to come (None when it had nothing to send).
+        flight: tuple[RecordChunk, Future[PutReport] | None] | None = None
+
+        def land() -> bool:
+            """Wait for the chunk on the wire, checkpoint after it; whether to stop there."""
+            nonlocal totals, confirmed, progress, flight
+            assert flight is not None
+            chunk, answer = flight
+            flight = None
+            if answer is not None:
                 try:
-                    report = self.sink.put(records)
+                    report = answer.result()
                 except SinkError as exc:
                     with contextlib.suppress(Exception):
                         checkpointed(checkpoints.wait())  # so the message says where the slot really stands
@@ -830,8 +836,35 @@ class Replicator:
             if (not open_txn and should_stop is not None and confirmed != window.advance_to
                     and should_stop()):
                 checkpointed(checkpoints.wait())
+                return True
+            return False
+
+        try:
+            for info, load in chunks:
+                if (
+                    confirmed is not None
+                    and (info.last_commit_lsn is None or info.last_commit_lsn <= confirmed)
+                    and (info.advance_to is None or info.advance_to <= confirmed)
+                ):
+                    totals = replace(totals, skipped_records=totals.skipped_records + info.records)
+                    continue
+                chunk = load()
+                records = chunk.after(confirmed, progress)
+                totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
+                try:
+                    prepared = self.sink.prepare(records) if records else None
+                except SinkError as exc:
+                    if flight is not None:
+                        land()  # acknowledged is acknowledged: checkpoint the chunk before, then fail
+                    raise self._with_slot_position(exc, window, confirmed) from exc
+                if flight is not None and land():
+                    return totals, confirmed, True
+                flight = (chunk, sender.submit(self.sink.send, prepared) if prepared is not None else None)
+            if flight is not None and land():
                 return totals, confirmed, True
-        return totals, confirmed, False
+            return totals, confirmed, False
+        finally:
+            sender.shutdown(wait=True)  # a chunk still on the wire after an error: answered or timed out
 
     def _format_and_publish(
         self, window: PeekedWindow, should_stop: Callable[[], bool] | None = None

@@ -7,17 +7,15 @@ configuration comes from the environment exactly as in the shipped code location
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 from dagster import Definitions, JobDefinition, reconstructable
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
-from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.window import FormattedWindow, PublishedWindow
 from pg2kinesis_dagster.defs import build_resources
 from pg2kinesis_dagster.defs.jobs import build_replicate_job
 from pg2kinesis_dagster.defs.resources import ReplicationResource
-from pg2kinesis_dagster.kinesis.sink import PutReport
+from pg2kinesis_dagster.kinesis.sink import PreparedPut, PutReport
 from pg2kinesis_dagster.pipeline import Replicator
 
 FAIL_PUBLISH_FILE = "PG2K_TEST_FAIL_PUBLISH_FILE"
@@ -33,16 +31,16 @@ class FailingPublishReplication(ReplicationResource):
         publish = replicator.publish
         marker = os.environ.get(FAIL_PUBLISH_FILE, "")
         fail_put = int(os.environ.get(FAIL_PUT_NUMBER) or 0)
-        put = replicator.sink.put
+        send = replicator.sink.send
         puts = [0]
 
-        def failing_put(records: Sequence[Record]) -> PutReport:
+        def failing_send(prepared: PreparedPut) -> PutReport:
             puts[0] += 1
             if puts[0] == fail_put:
                 raise RuntimeError(f"injected failure of put {fail_put}")
-            return put(records)
+            return send(prepared)
 
-        replicator.sink.put = failing_put  # type: ignore[method-assign]
+        replicator.sink.send = failing_send  # type: ignore[method-assign]
 
         def failing_publish(formatted: FormattedWindow, **kwargs: object) -> PublishedWindow:
             if marker and os.path.exists(marker):

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from pg2kinesis_dagster import pipeline
-from pg2kinesis_dagster.core.batching import Record
 from pg2kinesis_dagster.core.changes import parse_lsn
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
 from pg2kinesis_dagster.devstack.workload import create_sample_schema, run_sample_workload
-from pg2kinesis_dagster.kinesis.sink import PutReport
+from pg2kinesis_dagster.kinesis.sink import PreparedPut, PutReport
 from pg2kinesis_dagster.pipeline import Replicator
 from tests.helpers import (
     assert_matches_ledger,
@@ -31,17 +29,17 @@ class PutFails(Exception):
 
 
 def fail_on_put(replicator: Replicator, number: int) -> list[int]:
-    """Make the replicator's ``number``-th sink.put raise (after nothing of it was sent); returns put sizes."""
-    real_put = replicator.sink.put
+    """Make the replicator's ``number``-th put of a chunk raise (after nothing of it was sent); returns put sizes."""
+    real_send = replicator.sink.send
     sizes: list[int] = []
 
-    def put(records: Sequence[Record]) -> PutReport:
+    def send(prepared: PreparedPut) -> PutReport:
         if len(sizes) + 1 == number:
             raise PutFails(f"injected failure of put {number}")
-        sizes.append(len(records))
-        return real_put(records)
+        sizes.append(len(prepared.records))
+        return real_send(prepared)
 
-    replicator.sink.put = put  # type: ignore[method-assign]
+    replicator.sink.send = send  # type: ignore[method-assign]
     return sizes
 
 
@@ -158,7 +156,7 @@ def test_rerunning_publish_after_a_checkpoint_skips_what_the_slot_passed(
         with pytest.raises(PutFails):
             r.publish(formatted)
         sent = len(read_json(moto_server, kinesis_stream))
-        r.sink.put = type(r.sink).put.__get__(r.sink)  # type: ignore[method-assign]
+        r.sink.send = type(r.sink).send.__get__(r.sink)  # type: ignore[method-assign]
         published = r.publish(formatted)  # the same window again, as "re-execute from failure" does
         r.finish(published)
     assert published.put.skipped_records >= sent - formatted.chunks[1].records

@@ -181,6 +181,17 @@ class PutReport:
             self.user_records = self.records
 
 
+@dataclass(frozen=True)
+class PreparedPut:
+    """Records validated and, with aggregation, packed: what :meth:`KinesisSink.send` sends."""
+
+    records: Sequence[Record]
+    # The runs between barriers, and each one's aggregates (None without aggregation).
+    segments: list[Sequence[Record]]
+    packed: list[list[Record] | None]
+    seconds: float = 0.0
+
+
 @dataclass(slots=True)
 class _Progress:
     """Counters and retry state of one put, shared by its ListShards and PutRecords calls."""
@@ -249,6 +260,8 @@ class KinesisSink:
         self.max_in_flight = max_in_flight
         # The stream's record size limit (MaxRecordSizeInKiB), read by check_stream(); until then unknown.
         self._max_record_bytes: int | None = None
+        # The threads that send requests concurrently (made on first use, see _send).
+        self._pool: ThreadPoolExecutor | None = None
         # The shard map aggregation routes by, and when it was listed (see _current_shard_map).
         self._shard_map: ShardMap | None = None
         self._shard_map_listed = 0.0
@@ -335,18 +348,35 @@ class KinesisSink:
         With ``aggregate=True`` the records are packed into KPL-aggregated
         records first (one shard per aggregate, see :mod:`.aggregation`).
         """
+        return self.send(self.prepare(records))
+
+    def prepare(self, records: Sequence[Record]) -> PreparedPut:
+        """The first half of :meth:`put`: validate ``records`` and, with aggregation, pack them for the shard
+        map in use. Sends nothing, so a publisher may prepare the next chunk while this sink sends the last."""
         started = self._clock()
         self._check_records(records)
+        # Segments go strictly one after another, so a TRUNCATE never overtakes (or is overtaken by) the
+        # row changes around it, whatever their keys; without barriers there is one segment.
+        segments = split_at_barriers(records) if records else []
+        packed: list[list[Record] | None] = [None] * len(segments)
+        if self.aggregate and segments:
+            shard_map = self._current_shard_map(_Progress(total=len(records), last_progress=started))
+            packed = [list(aggregate_records(segment, shard_map, max_record_bytes=self.max_record_bytes))
+                      for segment in segments]
+        return PreparedPut(records, segments, packed, self._clock() - started)
+
+    def send(self, prepared: PreparedPut) -> PutReport:
+        """The second half of :meth:`put`: send what :meth:`prepare` made, until all of it is acknowledged."""
+        started = self._clock()
+        records = prepared.records
         total = len(records)
         if total == 0:
             return PutReport(0, 0, 0, 0, 0.0)
         progress = _Progress(total=total, last_progress=started)
         kinesis_records = 0
-        # Segments go strictly one after another, so a TRUNCATE never overtakes (or is overtaken by) the
-        # row changes around it, whatever their keys; without barriers there is one segment.
-        for segment in split_at_barriers(records):
+        for segment, packed in zip(prepared.segments, prepared.packed, strict=True):
             if self.aggregate:
-                kinesis_records += self._put_aggregated(segment, progress)
+                kinesis_records += self._put_aggregated(segment, progress, packed)
             else:
                 self._send(list(segment), progress, aggregated=False)
                 kinesis_records += len(segment)
@@ -355,10 +385,16 @@ class KinesisSink:
             requests=progress.requests,
             retried_entries=progress.retried,
             throttled_entries=progress.throttled,
-            seconds=self._clock() - started,
+            seconds=self._clock() - started + prepared.seconds,
             user_records=total,
             hot_rows=[] if self.aggregate else hot_rows(records),
         )
+
+    def close(self) -> None:
+        """Stop the request threads (a sink is not used after this)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _check_records(self, records: Sequence[Record]) -> None:
         """Raise :func:`check_record`'s error for the first record Kinesis would reject.
@@ -391,15 +427,18 @@ class KinesisSink:
         self.check_stream()
         return self.max_record_bytes
 
-    def _put_aggregated(self, records: Sequence[Record], progress: _Progress) -> int:
-        """Aggregate and send ``records``; returns the number of Kinesis records written."""
+    def _put_aggregated(self, records: Sequence[Record], progress: _Progress, packed: list[Record] | None) -> int:
+        """Send ``records`` as aggregates (``packed``: already aggregated for the shard map in use); returns the
+        number of Kinesis records written."""
         shard_map = self._current_shard_map(progress)
         to_send: Sequence[Record] = records
         written = 0
         remaps = 0
         while True:
-            pending: list[Record] = list(
-                aggregate_records(to_send, shard_map, max_record_bytes=self.max_record_bytes))
+            if packed is not None:
+                pending, packed = packed, None
+            else:
+                pending = list(aggregate_records(to_send, shard_map, max_record_bytes=self.max_record_bytes))
             count = len(pending)
             misrouted = self._send(pending, progress, aggregated=True)
             written += count - len(pending)
@@ -498,7 +537,10 @@ class KinesisSink:
         remaining = count
         misrouted: list[tuple[AggregatedRecord, str]] = []
         concurrent = self.max_in_flight > 1 and count > 1
-        pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="kinesis-put") if concurrent else None
+        if concurrent and self._pool is None:
+            # Kept for the sink's life: starting threads for every put cost more than a request to moto.
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="kinesis-put")
+        pool = self._pool if concurrent else None
         in_flight: dict[Future[_Answer], list[int]] = {}
         request_limit = request_bytes_limit(self.max_record_bytes)
         try:
@@ -534,8 +576,8 @@ class KinesisSink:
                 if misrouted and not in_flight:
                     break
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)  # requests still in flight after an error: answered or timed out
+            if in_flight:
+                wait(in_flight)  # requests still in flight after an error: answered or timed out
         pending_records[:] = [r for r, state in zip(pending_records, states, strict=True) if state != DONE]
         return misrouted
 
