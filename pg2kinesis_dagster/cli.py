@@ -14,14 +14,18 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
 
 from pg2kinesis_dagster.core import config
 from pg2kinesis_dagster.core.errors import Pg2KinesisError, SourceUnavailableError
-from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
 from pg2kinesis_dagster.pipeline import ReplicationSettings, Replicator, WindowResult
 from pg2kinesis_dagster.postgres.connection import PostgresSettings, mask_passwords
+
+if TYPE_CHECKING:
+    from pg2kinesis_dagster.kinesis.sink import KinesisSink
 
 log = logging.getLogger("pg2kinesis")
 
@@ -76,13 +80,39 @@ def settings_from_args(args: argparse.Namespace) -> tuple[PostgresSettings, Repl
     return PostgresSettings(**replication.postgres_fields()), replication.settings()
 
 
-def replicator_for(model: config.ReplicationConfig, **overrides: object) -> Replicator:
-    """The pipeline of the replication ``model`` describes (``overrides``: pipeline settings changed)."""
+def make_sink(model: config.ReplicationConfig) -> KinesisSink:
+    """The Kinesis sink of the replication ``model`` describes, its stream checked."""
+    from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client  # boto3: see _SinkInTheMaking
+
     client = make_kinesis_client(
         region_name=model.aws_region, endpoint_url=model.kinesis_endpoint_url, profile_name=model.aws_profile
     )
     sink = KinesisSink(client, model.stream_name, max_retry_seconds=model.max_retry_seconds, aggregate=model.aggregate)
+    sink.check_stream()
+    return sink
+
+
+class _SinkInTheMaking:
+    """The sink, made by a thread while the replicator checks its slot and reads the first window.
+
+    Importing boto3 and making a client take a few tenths of a second of CPU, and reading a window is mostly
+    PostgreSQL decoding it: done side by side, a ``pg2k --once`` is that much shorter. Any attribute waits for
+    the sink; an error making it (a missing stream, bad credentials) is raised there, before anything is sent.
+    """
+
+    def __init__(self, model: config.ReplicationConfig) -> None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pg2k-sink")
+        self._future: Future[KinesisSink] = pool.submit(make_sink, model)
+        pool.shutdown(wait=False)  # its one thread ends with the task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._future.result(), name)
+
+
+def replicator_for(model: config.ReplicationConfig, **overrides: object) -> Replicator:
+    """The pipeline of the replication ``model`` describes (``overrides``: pipeline settings changed)."""
     settings = model.settings().model_copy(update=overrides) if overrides else model.settings()
+    sink = cast("KinesisSink", _SinkInTheMaking(model))
     return Replicator(PostgresSettings(**model.postgres_fields()), sink, settings)
 
 
@@ -127,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = config_from_args(args)
         pg = PostgresSettings(**model.postgres_fields())
         with replicator_for(model) as replicator:
-            return _run(replicator, args)
+            return _run(replicator, args, model.stream_name)
     except Pg2KinesisError as exc:
         # Messages never carry a password; masking here covers one given in any connection setting anyway.
         text = pg.mask(str(exc)) if pg is not None else mask_passwords(str(exc))
@@ -139,8 +169,8 @@ def _log_window(window: WindowResult) -> None:
     log.info("window %s", json.dumps(window.summary()))
 
 
-def _run(replicator: Replicator, args: argparse.Namespace) -> int:
-    replicator.prepare()
+def _run(replicator: Replicator, args: argparse.Namespace, stream_name: str) -> int:
+    replicator.prepare_source()  # the stream: checked while the first window is read (replicator_for)
     if args.once:
         result = replicator.drain(on_window=_log_window if args.verbose else None)
         summary = {
@@ -158,7 +188,7 @@ def _run(replicator: Replicator, args: argparse.Namespace) -> int:
         return 0
     stop = _Stop()
     log.info(
-        "replicating slot %r to stream %r (Ctrl-C to stop)", replicator.slot.name, replicator.sink.stream_name
+        "replicating slot %r to stream %r (Ctrl-C to stop)", replicator.slot.name, stream_name
     )
     failing_since: float | None = None
     delay = _RECONNECT_FIRST_DELAY

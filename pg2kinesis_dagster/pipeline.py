@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
@@ -68,13 +69,15 @@ from pg2kinesis_dagster.core.window import (
     change_index,
 )
 from pg2kinesis_dagster.core.window_scan import copy_window_writer
-from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 from pg2kinesis_dagster.postgres.catalog import TableKey, load_table_keys
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 from pg2kinesis_dagster.postgres.plugin_options import WAL2JSON_NUMBERS_AS_STRINGS, plugin_accepts_option
 from pg2kinesis_dagster.postgres.slot import AdvanceResult, ReplicationSlot
 from pg2kinesis_dagster.postgres.types import decoder_options
 from pg2kinesis_dagster.spool import RowReader, Spool, WindowSpool, slot_key
+
+if TYPE_CHECKING:  # boto3 is imported only where a sink is made (pg2k makes it while the first window is read)
+    from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +399,8 @@ class Replicator:
             oversized=OversizedPolicy.parse(settings.oversized),
             exclude_columns=ColumnExclusion.parse(settings.exclude_columns),
         )
-        self._prepared = False
+        self._source_prepared = False
+        self._sink_prepared = False
 
     def close(self) -> None:
         self.slot.close()
@@ -410,25 +414,36 @@ class Replicator:
     # -- the four steps ------------------------------------------------------------------
     def prepare(self) -> None:
         """Check (or create) the slot and the stream before reading anything."""
-        if not self._prepared:
+        self.prepare_source()
+        self._prepare_sink()
+
+    def prepare_source(self) -> None:
+        """The slot's half of :meth:`prepare`, all that peeking needs: the stream is checked before the first
+        format step (``pg2k`` builds its Kinesis client meanwhile, while PostgreSQL decodes the window)."""
+        if not self._source_prepared:
             self.slot.ensure(create=self.settings.create_slot, recreate=self.settings.recreate_slot)
             if self.settings.output_plugin == "wal2json" and plugin_accepts_option(
                     self.slot, self.decoder.slot_options, WAL2JSON_NUMBERS_AS_STRINGS):
                 # wal2json >= 2.6: numbers as strings keep NaN/Infinity apart from NULL.
                 self.decoder = decoder_for("wal2json", numbers_as_strings=True,
                                            **decoder_options("wal2json", self.pg))
-            self.sink.check_stream()
             if self.builder.exclude_columns:  # a key column named there is refused before anything is read
                 self.builder.exclude_columns.check_catalog(
                     {name: key.key_columns for name, key in self.keys.tables().items()})
+            self._source_prepared = True
+
+    def _prepare_sink(self) -> None:
+        if not self._sink_prepared:
+            if not self.sink.stream_checked:
+                self.sink.check_stream()
             # Oversized records are judged (and truncated) against the stream's own limit: 1 MiB unless raised.
             self.builder = replace(self.builder, max_record_bytes=self.sink.max_record_bytes)
-            self._prepared = True
+            self._sink_prepared = True
 
     def peek(self, upto_lsn: int | None = None) -> PeekedWindow:
         """Read the window into a new spool: everything committed up to ``upto_lsn`` (default: the flushed
         WAL position now), within the budget."""
-        self.prepare()
+        self.prepare_source()
         if upto_lsn is None:
             upto_lsn = self.slot.current_wal_lsn()
         spool = self.spool.new_window(self.spool_key)
@@ -616,7 +631,7 @@ class Replicator:
             if window.last_commit_lsn is None:  # nothing was committed in the window: nothing to read
                 spool.start_rows(1, 1).finish(replace(window, rows=0, transactions=0).to_dict())
             else:
-                self.prepare()
+                self.prepare_source()
                 # Bounded by the window's last commit, not by the budget: the same transactions (minus those
                 # the slot already passed), whatever the budget says now.
                 self._read_window(spool, window.last_commit_lsn, None, window.abandoned_chunks)
@@ -946,7 +961,7 @@ class Replicator:
         should_stop: Callable[[], bool] | None = None,
     ) -> DrainResult:
         """Publish everything committed before ``upto_lsn`` (default: the flushed WAL position now)."""
-        self.prepare()
+        self.prepare_source()  # the stream is checked by the first window's format step
         if upto_lsn is None:
             upto_lsn = self.slot.current_wal_lsn()
         result = DrainResult()

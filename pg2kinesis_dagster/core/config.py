@@ -21,18 +21,18 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings.sources.utils import parse_env_vars
 
 from pg2kinesis_dagster.core import health, snapshot, window
 from pg2kinesis_dagster.core.errors import ConfigError
 from pg2kinesis_dagster.core.filters import parse_operations
 from pg2kinesis_dagster.core.formats import FORMATTERS
+
+if TYPE_CHECKING:  # pydantic-settings and PyYAML are imported where used: pg2k's start does without them
+    from pydantic_settings import BaseSettings
 
 ENV_PREFIX = "PG2K_"
 # The configuration file of several replications; without it the PG2K_* variables describe one.
@@ -468,18 +468,20 @@ def choices_of(annotation: Any) -> tuple[str, ...]:
 # -- view: the PG2K_* variables (pydantic-settings) --------------------------------------------------------
 
 
-class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source over a given mapping (the code location's, or a test's)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
-        self._mapping = env
-        super().__init__(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
-
-
 def _env_model(model: type[BaseModel], env: Mapping[str, str]) -> type[BaseSettings]:
+    from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class _MappingEnvSource(EnvSettingsSource):
+        """pydantic-settings' environment source over a given mapping (the code location's, or a test's)."""
+
+        def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+            self._mapping = env
+            super().__init__(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
+
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
     class FromEnv(BaseSettings, model):  # type: ignore[misc, valid-type]
         model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -543,6 +545,8 @@ class _FileModel(BaseModel):
 
 def parse_file(text: str, where: str) -> Location:
     """The replications of a configuration file (YAML). ``defaults:`` apply to every replication."""
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

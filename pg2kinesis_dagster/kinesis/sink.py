@@ -267,6 +267,11 @@ class KinesisSink:
         self._shard_map_listed = 0.0
 
     @property
+    def stream_checked(self) -> bool:
+        """Whether :meth:`check_stream` ran (and passed) for this sink."""
+        return self._max_record_bytes is not None
+
+    @property
     def max_record_bytes(self) -> int:
         """The largest record the stream accepts: 1 MiB unless raised for this stream (up to 10 MiB) and known
         from :meth:`check_stream`."""
