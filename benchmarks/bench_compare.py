@@ -19,7 +19,7 @@ replication slot on them (created before the backlog, so each sees the same chan
   its O(n)-per-record sequence numbering fixed (``--fast``, :mod:`pg2kinesis_dagster.devstack.moto_server`),
   which shows how much of the plain figure is moto's own cost.
 
-Then the cost per stage (µs per change: fetch, decode, build/format, aggregate, put) of our core, in process,
+Then the cost per stage (µs per change: fetch, decode+format, aggregate, put) of the pipeline, in process,
 on each backlog. Every figure is a wall-clock time on the same machine in the same run: compare ratios.
 ``pg2k`` is run as a process (its peak RSS reported), whatever the pipeline's shape; records are counted in
 the stream afterwards (deaggregated) to check that every change arrived.
@@ -44,16 +44,14 @@ from typing import Any
 
 from aws_kinesis_agg.deaggregator import iter_deaggregate_records
 
-from pg2kinesis_dagster.core.changes import parse_lsn
+from pg2kinesis_dagster.core.config import ReplicationSettings
 from pg2kinesis_dagster.core.decoders import TestDecodingDecoder
-from pg2kinesis_dagster.core.formats import make_formatter, needs_row_images
-from pg2kinesis_dagster.core.records import RecordBuilder
+from pg2kinesis_dagster.core.records import BatchStats
 from pg2kinesis_dagster.devstack.latency import LatencyProxy
 from pg2kinesis_dagster.devstack.moto import MotoServer
 from pg2kinesis_dagster.devstack.postgres import PostgresServer
-from pg2kinesis_dagster.kinesis.aggregation import ShardMap, aggregate
 from pg2kinesis_dagster.kinesis.sink import KinesisSink, make_kinesis_client
-from pg2kinesis_dagster.postgres.catalog import load_table_keys
+from pg2kinesis_dagster.pipeline import Replicator
 from pg2kinesis_dagster.postgres.connection import PostgresSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,51 +217,32 @@ def baseline_command(ref: str, workdir: Path) -> list[str]:
 
 def stage_costs(pg: PostgresServer, db: str, slot: str, client: Any, stream: str, formatter: str,
                 aggregated: bool) -> dict[str, float]:
-    """µs per change of each stage of our core, run one after another on the whole backlog."""
-    settings = PostgresSettings(host=pg.host, port=pg.port, dbname=db, user="postgres")
-    keys = {name: key.key_columns for name, key in load_table_keys(settings).items()}
-    fmt = make_formatter(formatter)
-    decoder = TestDecodingDecoder(lazy_images=not needs_row_images(fmt))  # as the pipeline sets it up
-    builder = RecordBuilder(formatter=fmt, key_lookup=lambda s, t: keys.get((s, t)))
-    conn = pg.connect(db, autocommit=False)
-    times: dict[str, float] = {}
-
-    def timed(name: str, work: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        value = work()
-        times[name] = time.perf_counter() - started
-        return value
-
-    def fetch() -> list[tuple[int, int, str]]:
-        rows = []
-        with conn.cursor(name="bench_stages") as cur:
-            cur.itersize = 10_000
-            cur.execute("SELECT lsn::text, xid::text::bigint, data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, "
-                        "VARIADIC %s::text[])", (slot, list(decoder.slot_options)))
-            for lsn, xid, data in cur:
-                rows.append((parse_lsn(lsn), xid, data))
-        return rows
-
-    import gc
-
-    gc.disable()  # as the pipeline does while decoding and building a batch
-    try:
-        rows = timed("fetch", fetch)
-        conn.rollback()
-        transactions = timed("decode", lambda: list(decoder.decode(rows)))
-        records, stats = timed("build/format", lambda: builder.build(transactions))
+    """µs per change of each stage of the pipeline ``pg2k`` runs, one after another on the whole backlog: the
+    peek (COPY into the spool, core.window_scan), decoding and formatting (core.copy_window: the compiled lane),
+    validating and aggregating (KinesisSink.prepare), sending (KinesisSink.send)."""
+    with tempfile.TemporaryDirectory(prefix="bench-stages-") as spool_dir:
+        settings = ReplicationSettings(slot_name=slot, message_formatter=formatter, spool_dir=spool_dir)
         sink = KinesisSink(client, stream, aggregate=aggregated)
-        if aggregated:
-            shard_map = ShardMap.load(client, stream)
-            timed("aggregate", lambda: aggregate(records, shard_map))
-        timed("put", lambda: sink.put(records))
-        if aggregated:
-            times["put"] -= times["aggregate"]  # put() aggregates again: count that once, under aggregate
-    finally:
-        gc.enable()
-        conn.close()
-    changes = stats.changes
-    return {name: seconds * 1e6 / changes for name, seconds in times.items()}
+        pg_settings = PostgresSettings(host=pg.host, port=pg.port, dbname=db, user="postgres")
+        times: dict[str, float] = {}
+
+        def timed(name: str, work: Callable[[], Any]) -> Any:
+            started = time.perf_counter()
+            value = work()
+            times[name] = time.perf_counter() - started
+            return value
+
+        with Replicator(pg_settings, sink, settings) as replicator:
+            replicator.prepare()
+            window = timed("fetch", replicator.peek)
+            stats = BatchStats()
+            spool = replicator.spool.window(replicator.spool_key, window.window_id)
+            # The format step's generator itself (not format(), which also pickles the chunks for the ops).
+            chunks = timed("decode+format", lambda: list(replicator._record_chunks(window, spool, stats)))
+            prepared = timed("aggregate", lambda: [sink.prepare(c.records) for c in chunks])
+            timed("put", lambda: [sink.send(p) for p in prepared])
+        sink.close()
+    return {name: seconds * 1e6 / stats.changes for name, seconds in times.items()}
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -457,8 +436,9 @@ def print_tables(args: argparse.Namespace, names: list[str], results: dict[tuple
         print("| " + " | ".join([label, cell(theirs), *(cell(ours.get(n)) for n in names), versus, vs_bare,
                                  target]) + " |")
     print()
-    print("cost per change of each stage of our core, in process (µs per change; `put` excludes aggregation):")
-    columns = ["fetch", "decode", "build/format", "aggregate", "put"]
+    print("cost per change of each stage, in process (µs per change; `aggregate` is validation plus aggregation, "
+          "`put` the requests):")
+    columns = ["fetch", "decode+format", "aggregate", "put"]
     print("| workload | " + " | ".join(columns) + " | total |")
     print("|---|" + "---|" * (len(columns) + 1))
     for label, costs in stages.items():
