@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # botocore says where it found credentials (INFO) in continuous mode's log: noise next to the windows.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     pg: PostgresSettings | None = None
     try:
         model = config_from_args(args)

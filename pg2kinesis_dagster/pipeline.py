@@ -672,7 +672,7 @@ class Replicator:
             try:
                 for chunk in chunks:
                     yield chunk
-                    if isinstance(buf, mmap.mmap):
+                    if isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
                         # The spool file's pages read so far leave this process's memory (they stay in the page
                         # cache; a page still needed comes back at the cost of a minor fault).
                         buf.madvise(mmap.MADV_DONTNEED)

@@ -13,6 +13,7 @@ import base64
 import json
 import random
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,13 @@ class Workload:
     def start(self) -> Workload:
         self._thread.start()
         return self
+
+    def wait_for(self, transactions: int, timeout: float = 60.0) -> None:
+        """Until the workload committed ``transactions`` (it runs on its own pace, whatever else is fast or slow)."""
+        deadline = time.monotonic() + timeout
+        while self.transactions < transactions and self.error is None and not self.stop.is_set():
+            assert time.monotonic() < deadline, f"the workload made {self.transactions} transactions in {timeout}s"
+            time.sleep(0.01)
 
     def finish(self) -> None:
         self.stop.set()

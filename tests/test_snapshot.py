@@ -116,10 +116,13 @@ def test_snapshot_with_concurrent_workload_matches_the_tables(
         done, errors = threading.Event(), []
         replication = _replicate_while(replicator, done, errors)
         try:
+            workload.wait_for(5)  # writing before the snapshot starts, and through it
             for table in TABLES:
                 progress = TableSnapshot(pg_settings(pg_server, pg_database), table, slot_name="pg2kinesis",
                                          chunk_rows=CHUNK_ROWS).run()
                 assert progress.done and progress.chunks >= 5
+            # A fast snapshot must not make a thin test: some more changes after it, replication still running.
+            workload.wait_for(21)
         finally:
             workload.finish()
             done.set()

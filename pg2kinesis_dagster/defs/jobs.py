@@ -117,7 +117,9 @@ def checkpoint_metadata(
                 "into the spool, without consuming the slot.",
     out=Out(io_manager_key=HANDLES))
 def peek_batch(context: OpExecutionContext, replication: ReplicationResource) -> Output[PeekedWindow]:
-    window = replication.replicator().peek()
+    replicator = replication.replicator()
+    replicator.prepare()  # the slot and the stream: a missing stream fails this op, before the window is read
+    window = replicator.peek()
     return Output(
         window,
         metadata={
