@@ -362,3 +362,28 @@ def test_a_run_of_rows_the_lane_leaves_goes_python_to_the_commit(chunk: int) -> 
         assert len(out.records) == 15
         counts = _counts(buf, setup)
         assert counts.python_rows == 3 and counts.python_units == 1 and counts.lane_records == 2
+
+
+@pytest.mark.parametrize("lookahead", [64, 300, 100_000])
+def test_a_commit_beyond_the_lanes_look_ahead_is_found_by_the_driver(
+    lookahead: int, monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """A BEGIN whose COMMIT lies further than the lane looks (8 MiB; here a few hundred bytes): the driver finds
+    it, in steps that release the mmapped spool's pages, and the lane goes on: same records, all in the lane."""
+    import mmap
+    from pathlib import Path
+
+    module = lane_module()
+    monkeypatch.setattr(module, "COMMIT_LOOKAHEAD", lookahead)
+    monkeypatch.setattr("pg2kinesis_dagster.core.copy_text._FIND_STEP", 97)  # odd steps: needles across them
+    buf = _buf(*[f"table public.t: INSERT: id[integer]:{i} v[text]:'{'x' * (i % 7)}'" for i in range(40)])
+    buf += _buf(*[f"table public.t: INSERT: id[integer]:{100 + i}" for i in range(3)], xid=8)
+    setup = Setup(keys=KEYED, fmt="CSVPayload", chunk_changes=6)
+    counts = _counts(buf, setup)
+    assert counts.lane_records == 43 and counts.python_rows == 0 and counts.python_units == 0
+    expected = compare(buf, setup, [0x1000, 0x1000]).records
+    path = Path(str(tmp_path)) / "rows.copy"
+    path.write_bytes(b"junk" + buf)  # (_mm_chunks reads from byte 4)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        out = collect(lambda stats: _mm_chunks(mm, Setup(keys=KEYED, fmt="CSVPayload", chunk_changes=6), stats))
+    assert out.error is None and out.records == expected

@@ -46,11 +46,16 @@ END = 0
 CHUNK_FULL = 1
 NEED_TABLE = 2
 SLOW = 3
+NEED_COMMIT = 4
+# How far ahead of a BEGIN the lane looks for its COMMIT itself; further, the driver finds it (set_commit_hint),
+# releasing the spool file's pages as it goes: a transaction of a million rows is never mapped in memory whole.
+COMMIT_LOOKAHEAD = 8 << 20
 cdef enum:
     _END = 0
     _CHUNK_FULL = 1
     _NEED = 2
     _SLOW = 3
+    _NEED_COMMIT = 4
     _OK = -1
     F_CSV = 0
     F_PAYLOAD = 1
@@ -572,6 +577,9 @@ cdef class TestDecodingLane:
     cdef public Py_ssize_t record_bytes
     cdef public object advance_to
     cdef public object need
+    # NEED_COMMIT: where the search for the COMMIT starts (the row after the BEGIN); the driver's answer
+    cdef public Py_ssize_t need_commit_from
+    cdef Py_ssize_t hint_from, hint_at
     # the transaction being read
     cdef public bint in_txn
     cdef uint64_t t_xid, t_begin_lsn, t_commit_lsn
@@ -623,6 +631,7 @@ cdef class TestDecodingLane:
         self.advance_to = None
         self.need = None
         self.in_txn = False
+        self.need_commit_from = self.hint_from = self.hint_at = -1
 
     # -- the registry --------------------------------------------------------------------------------------
 
@@ -738,6 +747,11 @@ cdef class TestDecodingLane:
 
     # -- the transaction being read ------------------------------------------------------------------------
 
+    def set_commit_hint(self, Py_ssize_t start, Py_ssize_t at) -> None:
+        """NEED_COMMIT's answer: the first ``\\tCOMMIT`` at or after ``start`` is at ``at`` (-1: none)."""
+        self.hint_from = start
+        self.hint_at = at
+
     def transaction(self) -> tuple:
         """(xid, begin LSN, next change index, BEGIN's printed xid or None, commit LSN, commit time)."""
         return (self.t_xid_obj, self.t_begin_lsn, self.t_index, self.t_begin_xid, self.t_commit_obj,
@@ -763,7 +777,8 @@ cdef class TestDecodingLane:
         Returns END (every row read, no transaction open), CHUNK_FULL (a transaction ended with ``records`` at
         ``max_records`` or more, or the chunk's bytes, starting from ``record_bytes``, at ``max_bytes``; or, in a
         transaction larger than that, its part read since it began or was last split reached either: the chunks
-        the decoder's ``part_size`` makes), NEED_TABLE (register
+        the decoder's ``part_size`` makes), NEED_COMMIT (a BEGIN whose COMMIT is further than COMMIT_LOOKAHEAD: find it
+        from ``need_commit_from``, tell set_commit_hint, run again), NEED_TABLE (register
         ``need``, then run again) or SLOW (the row at ``pos`` is the Python path's; ``in_txn`` tells whether it
         is inside the transaction this lane is reading). ``pos``, ``record_bytes`` and ``advance_to`` (the
         last transaction completed in this call, or None) say where it stopped.
@@ -864,7 +879,13 @@ cdef class TestDecodingLane:
         if self.deferred and txid in self.deferred:
             return _SLOW
         # The commit: the first row whose data field starts with COMMIT.
-        hit = <const uint8_t*>memmem(b + e + 1, end - (e + 1), b"\tCOMMIT", 7)
+        if self.hint_from == e + 1:
+            hit = b + self.hint_at if 0 <= self.hint_at < end else NULL
+        else:
+            hit = <const uint8_t*>memmem(b + e + 1, min(end - (e + 1), COMMIT_LOOKAHEAD), b"\tCOMMIT", 7)
+            if hit == NULL and end - (e + 1) > COMMIT_LOOKAHEAD:
+                self.need_commit_from = e + 1
+                return _NEED_COMMIT
         if hit == NULL:
             return _SLOW
         k = hit - b

@@ -11,6 +11,7 @@ Pure functions over a buffer (``bytes`` or an ``mmap`` of a spool file), no I/O.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,28 @@ def iter_rows(buf: Buffer, start: int = 0, end: int | None = None) -> Iterator[t
             raise DecodeError(f"a COPY row without its newline at byte {pos}")
         yield parse_row(bytes(buf[pos:newline])), newline + 1
         pos = newline + 1
+
+
+# find_field's step: how much of the buffer one search touches before its pages are let go.
+_FIND_STEP = 8 << 20
+
+
+def find_field(buf: Buffer, needle: bytes, start: int, end: int) -> int:
+    """``buf.find(needle, start, end)``, in steps whose pages leave the process's memory behind it when ``buf`` is
+    an mmap (a search across a transaction of a million rows must not map the spool file whole: they stay in the
+    page cache, and come back at the cost of a minor fault)."""
+    release = isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")
+    pos = start
+    while pos < end:
+        stop = min(end, pos + _FIND_STEP)
+        at = buf.find(needle, pos, min(end, stop + len(needle) - 1))
+        if release:
+            first = pos - pos % mmap.PAGESIZE
+            buf.madvise(mmap.MADV_DONTNEED, first, stop - first)
+        if at >= 0:
+            return at
+        pos = stop
+    return -1
 
 
 def format_row(lsn: str, xid: int, data: str) -> bytes:

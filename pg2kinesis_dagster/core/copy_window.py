@@ -28,7 +28,7 @@ from typing import Any
 
 from pg2kinesis_dagster import native as native_modules
 from pg2kinesis_dagster.core.changes import Change, Operation, SlotRow, Transaction
-from pg2kinesis_dagster.core.copy_text import Buffer, iter_rows, parse_row, unescape
+from pg2kinesis_dagster.core.copy_text import Buffer, find_field, iter_rows, parse_row, unescape
 from pg2kinesis_dagster.core.decoders.test_decoding import _QUALIFIED, TestDecodingDecoder, _unquote
 from pg2kinesis_dagster.core.errors import DecodeError
 from pg2kinesis_dagster.core.formats import CSVFormatter, CSVPayloadFormatter, JSONFormatter
@@ -40,7 +40,7 @@ from pg2kinesis_dagster.core.window import RecordChunk
 LANE_MODULE = "pg2kinesis_dagster.core._td_lane"
 
 # The lane's run() statuses (mirrored in _td_lane.pyx).
-END, CHUNK_FULL, NEED_TABLE, SLOW = 0, 1, 2, 3
+END, CHUNK_FULL, NEED_TABLE, SLOW, NEED_COMMIT = 0, 1, 2, 3, 4
 
 # After this many consecutive rows handed back inside a transaction, its rest goes the Python path whole.
 SLOW_STREAK = 4
@@ -196,6 +196,10 @@ class _Driver:
             if status == NEED_TABLE:
                 self._register(lane.need)
                 continue
+            if status == NEED_COMMIT:  # a long transaction: its commit found here, without mapping it whole
+                start = lane.need_commit_from
+                lane.set_commit_hint(start, find_field(self.buf, _COMMIT_FIELD, start, self.end))
+                continue
             if status == CHUNK_FULL:
                 yield from self._emit()
                 chunk = self.chunk
@@ -285,7 +289,7 @@ class _Driver:
     def _find_commit(self, pos: int, begin_lsn: int) -> _Commit:
         buf, end = self.buf, self.end
         while True:
-            at = buf.find(_COMMIT_FIELD, pos, end)
+            at = find_field(buf, _COMMIT_FIELD, pos, end)
             if at < 0:
                 raise DecodeError("transaction without its commit in the window", lsn=begin_lsn)
             start = buf.rfind(b"\n", pos, at) + 1 or pos
