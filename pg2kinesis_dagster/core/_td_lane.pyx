@@ -210,6 +210,20 @@ cdef Py_ssize_t _utf8_len(const uint8_t* b, Py_ssize_t i, Py_ssize_t e) nogil:
     return 0
 
 
+cdef Py_ssize_t _row_fields(const uint8_t* b, Py_ssize_t start, Py_ssize_t e, uint64_t* lsn, uint64_t* xid) nogil:
+    """The row b[start:e] as ``lsn<TAB>xid<TAB>data``: parses the LSN and the xid; returns the position of the tab
+    before the data, or -1 when the row is not of that form."""
+    cdef Py_ssize_t t1 = start, t2
+    while t1 < e and b[t1] != 9:
+        t1 += 1
+    t2 = t1 + 1
+    while t2 < e and b[t2] != 9:
+        t2 += 1
+    if t2 >= e or not _parse_lsn(b, start, t1, lsn) or not _parse_uint(b, t1 + 1, t2, xid):
+        return -1
+    return t2
+
+
 cdef bint _text_ok(const uint8_t* b, Py_ssize_t i, Py_ssize_t e) nogil:
     """Whether copy_text.unescape(b[i:e]).decode("utf-8") succeeds: escapes known, bytes valid UTF-8."""
     cdef uint64_t w, x
@@ -797,7 +811,7 @@ cdef class TestDecodingLane:
     cdef int _run(self, const uint8_t* b, Py_ssize_t pos, Py_ssize_t end, list records, list commit_lsns,
                   Py_ssize_t max_records, Py_ssize_t max_bytes) except -2:
         cdef const uint8_t* nl
-        cdef Py_ssize_t e, t1, t2, d
+        cdef Py_ssize_t e, t2, d
         cdef uint64_t lsn, xid
         cdef int status
         while True:
@@ -818,13 +832,8 @@ cdef class TestDecodingLane:
             if nl == NULL:
                 return _SLOW
             e = nl - b
-            t1 = pos
-            while t1 < e and b[t1] != 9:
-                t1 += 1
-            t2 = t1 + 1
-            while t2 < e and b[t2] != 9:
-                t2 += 1
-            if t2 >= e or not _parse_lsn(b, pos, t1, &lsn) or not _parse_uint(b, t1 + 1, t2, &xid):
+            t2 = _row_fields(b, pos, e, &lsn, &xid)
+            if t2 < 0:
                 return _SLOW
             d = t2 + 1
             if not self.in_txn:
@@ -896,13 +905,7 @@ cdef class TestDecodingLane:
         if nl == NULL:
             return _SLOW
         ce = nl - b
-        t1 = cs
-        while t1 < ce and b[t1] != 9:
-            t1 += 1
-        t2 = t1 + 1
-        while t2 < ce and b[t2] != 9:
-            t2 += 1
-        if t2 != k or not _parse_lsn(b, cs, t1, &commit_lsn) or not _parse_uint(b, t1 + 1, t2, &commit_row_xid):
+        if _row_fields(b, cs, ce, &commit_lsn, &commit_row_xid) != k:
             return _SLOW
         cd = k + 1
         if not _text_ok(b, cd, ce):

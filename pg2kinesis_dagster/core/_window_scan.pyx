@@ -93,6 +93,7 @@ cdef class CopyWindowWriter:
     cdef Py_ssize_t _max_rows, _max_bytes
     cdef double _deadline
     cdef bint _has_rows_limit, _has_bytes_limit, _has_deadline, _done
+    cdef Py_ssize_t _taken
     cdef bytearray _pending
     cdef bytearray _buffer
     cdef public bint holding
@@ -127,48 +128,40 @@ cdef class CopyWindowWriter:
         if self._done:
             raise WindowFull()
         cdef bytes chunk = bytes(data) if type(data) is not bytes else data
-        cdef const char *p
-        cdef Py_ssize_t n, start = 0, newline, row_start
-        cdef const char *nl
-        if len(self._pending) == 0:
-            p = PyBytes_AS_STRING(chunk)
-            n = PyBytes_GET_SIZE(chunk)
-            # The usual case: one whole row per call.
-            try:
-                while start < n:
-                    nl = <const char *>memchr(p + start, b'\n', n - start)
-                    if nl == NULL:
-                        break
-                    newline = nl - p
-                    row_start = start
-                    start = newline + 1  # as the reference: the row is taken, whatever _row raises
-                    self._row(p + row_start, newline - row_start, chunk)
-            finally:
-                self._buffer += chunk[:start] if start < n else chunk
-                if start < n:
-                    self._pending += chunk[start:]
-                if len(self._buffer) >= FLUSH_BYTES or self._done:
-                    self._flush()
-            return n
-        self._pending += chunk
-        cdef bytes pending = bytes(self._pending)
-        p = PyBytes_AS_STRING(pending)
-        n = PyBytes_GET_SIZE(pending)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(chunk), taken
+        if len(self._pending):  # a row split across calls: joined first
+            self._pending += chunk
+            chunk = bytes(self._pending)
+            del self._pending[:]
+        self._taken = 0
         try:
-            while start < n:
-                nl = <const char *>memchr(p + start, b'\n', n - start)
-                if nl == NULL:
-                    break
-                newline = nl - p
-                row_start = start
-                start = newline + 1
-                self._row(p + row_start, newline - row_start, pending)
+            self._rows(chunk)
         finally:
-            self._buffer += pending[:start]
-            del self._pending[:start]
+            taken = self._taken
+            if taken < PyBytes_GET_SIZE(chunk):
+                self._buffer += chunk[:taken]
+                self._pending += chunk[taken:]
+            else:
+                self._buffer += chunk
             if len(self._buffer) >= FLUSH_BYTES or self._done:
                 self._flush()
-        return PyBytes_GET_SIZE(chunk)
+        return size
+
+    cdef int _rows(self, bytes chunk) except -1:
+        """Each whole row of ``chunk`` (usually exactly one: psycopg2 writes a row per call). ``_taken`` counts the
+        bytes of the rows taken: as in the reference, a row is taken whatever _row raises for it."""
+        cdef const char *p = PyBytes_AS_STRING(chunk)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk), start, newline
+        cdef const char *nl
+        while self._taken < n:
+            start = self._taken
+            nl = <const char *>memchr(p + start, b'\n', n - start)
+            if nl == NULL:
+                break
+            newline = nl - p
+            self._taken = newline + 1
+            self._row(p + start, newline - start, chunk)
+        return 0
 
     cdef int _row(self, const char *line, Py_ssize_t size, bytes owner) except -1:
         cdef const char *first = <const char *>memchr(line, b'\t', size)
