@@ -48,6 +48,7 @@ from pg2kinesis_dagster.core.batching import (
     split_at_barriers,
 )
 from pg2kinesis_dagster.core.errors import ConfigError, SinkError
+from pg2kinesis_dagster.kinesis import put_records_body
 from pg2kinesis_dagster.kinesis.aggregation import (
     AggregatedRecord,
     ShardMap,
@@ -145,9 +146,8 @@ def make_kinesis_client(
             aws_secret_access_key=aws_secret_access_key,
             aws_session_token=aws_session_token,
         )
-        return session.client(
-            "kinesis", endpoint_url=endpoint_url, config=config, verify=verify, use_ssl=use_ssl
-        )
+        client = session.client("kinesis", endpoint_url=endpoint_url, config=config, verify=verify, use_ssl=use_ssl)
+        return put_records_body.install(client)
     except ProfileNotFound as exc:
         raise ConfigError(
             f"AWS profile {profile_name!r} not found in the AWS config/credentials files: "
