@@ -200,12 +200,16 @@ def bare_fetch(pg: PostgresServer, db: str, slot: str) -> Outcome:
 
 
 def baseline_command(ref: str, workdir: Path) -> list[str]:
-    """``pg2k`` of commit ``ref``: its package exported next to (and imported before) the installed one."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "pg2kinesis_dagster"], capture_output=True,
-                             check=True).stdout
+    """``pg2k`` of commit ``ref``: its package installed (compiled accelerators included, when it has them) into
+    a folder imported before the installed one."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+    source = workdir / f"baseline-{ref}-source"
     target = workdir / f"baseline-{ref}"
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(target, filter="data")
+        tar.extractall(source, filter="data")
+    # pip builds it as a user's install would (Cython fetched for the build when the commit compiles .pyx).
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
+                   check=True, env={**os.environ, "PG2K_REQUIRE_NATIVE": "1"})
     code = (f"import sys; sys.path.insert(0, {str(target)!r}); import pg2kinesis_dagster; "
             f"assert pg2kinesis_dagster.__file__.startswith({str(target)!r}); "
             "from pg2kinesis_dagster.cli import main; sys.exit(main())")
