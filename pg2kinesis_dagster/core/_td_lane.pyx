@@ -523,6 +523,22 @@ cdef Py_ssize_t _value(const uint8_t* b, Py_ssize_t i, Py_ssize_t e, Col* col) n
 
 # -- registered tables -----------------------------------------------------------------------------------
 
+
+cdef inline void _nothing() noexcept nogil:
+    pass
+
+
+cdef inline void yield_gil() noexcept:
+    """Hand the GIL to a thread waiting for it, if one is: a long C loop never does by itself, so a request's
+    answer (or the next request) would wait until the whole loop is done instead of the switch interval."""
+    with nogil:
+        _nothing()
+
+
+# Changes between two chances for other threads to take the GIL: ~0.3 ms.
+cdef Py_ssize_t YIELD_EVERY = 512
+
+
 cdef class _Layout:
     """The column headers of a tuple as last seen for a table and operation, with what they resolve to."""
 
@@ -603,6 +619,7 @@ cdef class TestDecodingLane:
     cdef long t_index
     # records and bytes of the transaction being read since it began or was last split by a full chunk
     cdef Py_ssize_t t_part_records, t_part_bytes
+    cdef Py_ssize_t since_yield  # changes since yield_gil
     # counters not yet added to a BatchStats
     cdef long n_transactions, n_changes, n_published, n_filtered, n_skipped, n_no_key
     cdef long long n_record_bytes
@@ -849,6 +866,10 @@ cdef class TestDecodingLane:
                 if status != _OK:
                     return status
                 pos = e + 1
+                self.since_yield += 1
+                if self.since_yield >= YIELD_EVERY:
+                    self.since_yield = 0
+                    yield_gil()
                 if self.t_part_records >= max_records or self.t_part_bytes >= max_bytes:
                     # A transaction larger than a chunk is split, as the decoder's part_size splits it.
                     if pos == self.t_commit_row:  # the transaction ends here: let the chunk carry its end
