@@ -34,12 +34,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pg2kinesis_dagster.core.changes import Transaction, format_lsn
 from pg2kinesis_dagster.core.columns import ColumnExclusion
@@ -77,7 +76,7 @@ from pg2kinesis_dagster.postgres.types import decoder_options
 from pg2kinesis_dagster.spool import RowReader, Spool, WindowSpool, slot_key
 
 if TYPE_CHECKING:  # boto3 is imported only where a sink is made (pg2k makes it while the first window is read)
-    from pg2kinesis_dagster.kinesis.sink import KinesisSink, PutReport
+    from pg2kinesis_dagster.kinesis.sink import KinesisSink, PreparedPut, PutReport
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +104,28 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-# Record chunks formatted ahead of the one being published (each at most a chunk's changes or bytes).
-FORMATTED_CHUNKS_AHEAD = 2
+# Record chunks prepared (formatted, validated, aggregated) ahead of the one being sent.
+PREPARED_CHUNKS_AHEAD = 2
+
+_T = TypeVar("_T")
 
 
 def _same(chunk: RecordChunk) -> RecordChunk:
     return chunk
 
 
-class _ChunkHandover:
-    """Runs a generator of record chunks in a thread, at most :data:`FORMATTED_CHUNKS_AHEAD` ahead of the
-    consumer; iterating yields its chunks in order and raises what the generator raised. Leaving the
-    ``with`` block stops the thread (a consumer that failed or stopped early) and waits for it."""
+class _Prefetch(Generic[_T]):
+    """Runs an iterator in a thread of its own, at most ``ahead`` items ahead of the consumer; iterating yields
+    its items in order and raises what it raised. Leaving the ``with`` block stops the thread (a consumer that
+    failed or stopped early) and waits for it."""
 
     _DONE = object()
 
-    def __init__(self, chunks: Iterator[RecordChunk]) -> None:
-        self._chunks = chunks
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=FORMATTED_CHUNKS_AHEAD)
+    def __init__(self, items: Iterator[_T], *, ahead: int, name: str) -> None:
+        self._items = items
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="pg2k-format", daemon=True)
+        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
 
     def _offer(self, item: object) -> bool:
         while not self._stop.is_set():
@@ -137,21 +138,23 @@ class _ChunkHandover:
 
     def _produce(self) -> None:
         try:
-            for chunk in self._chunks:
-                if not self._offer(chunk):
+            for item in self._items:
+                if not self._offer(item):
                     return
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             self._offer(exc)
         else:
             self._offer(self._DONE)
         finally:
-            self._chunks.close()  # type: ignore[attr-defined]
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
 
-    def __enter__(self) -> _ChunkHandover:
+    def __enter__(self) -> _Prefetch[_T]:
         self._thread.start()
         return self
 
-    def __iter__(self) -> Iterator[RecordChunk]:
+    def __iter__(self) -> Iterator[_T]:
         while True:
             item = self._queue.get()
             if item is self._DONE:
@@ -163,6 +166,15 @@ class _ChunkHandover:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@dataclass(frozen=True)
+class _ReadyChunk:
+    """A chunk as the preparing thread hands it to the sender: None for one skipped whole (``skipped``)."""
+
+    chunk: RecordChunk | None
+    prepared: PreparedPut | None  # what sink.send sends; None when nothing in it is left to send
+    skipped: int  # records already acknowledged before this run
 
 
 class _Checkpoints:
@@ -797,29 +809,36 @@ class Replicator:
         """The loop of :meth:`_publish_chunks`; ``confirmed`` is the last acknowledged commit, which the slot
         reaches once ``checkpoints`` made the advance in progress.
 
-        Chunks are sent one after another, each once the one before is acknowledged, by a thread of their own:
-        the next chunk is validated and aggregated (``sink.prepare``) while the last one is on the wire. What
-        the next chunk skips does not depend on the last one's outcome (records of a transaction it completed
-        are all in it; an open transaction's acknowledged part is the last one's own records).
+        Chunks are sent one after another, each once the one before is acknowledged, by this thread; a thread
+        of their own loads (or formats) the next chunks and prepares them (``sink.prepare``: validated,
+        aggregated) meanwhile, at most :data:`PREPARED_CHUNKS_AHEAD` ahead. The sending thread has little to
+        do besides waiting for Kinesis, so it gets the GIL as soon as an answer comes. What a chunk skips does
+        not depend on the outcome of the chunks before it (records of a transaction they completed are all in
+        them; an open transaction's acknowledged part is their own records), so the preparing thread skips by
+        the position the window started from. A chunk that fails to prepare fails the window once every
+        chunk before it is acknowledged and checkpointed.
         """
         totals = PutTotals()
-        sender = ThreadPoolExecutor(1, thread_name_prefix="pg2k-publish")
-        # The chunk on the wire, its records, and the answer to come (None when it had nothing to send).
-        flight: tuple[RecordChunk, Future[PutReport] | None] | None = None
+        start_confirmed, start_progress = confirmed, progress
 
-        def land() -> bool:
-            """Wait for the chunk on the wire, checkpoint after it; whether to stop there."""
-            nonlocal totals, confirmed, progress, flight
-            assert flight is not None
-            chunk, answer = flight
-            flight = None
-            if answer is not None:
-                try:
-                    report = answer.result()
-                except SinkError as exc:
-                    with contextlib.suppress(Exception):
-                        checkpointed(checkpoints.wait())  # so the message says where the slot really stands
-                    raise self._with_slot_position(exc, window, confirmed) from exc
+        def ready_chunks() -> Iterator[_ReadyChunk]:
+            for info, load in chunks:
+                if (
+                    start_confirmed is not None
+                    and (info.last_commit_lsn is None or info.last_commit_lsn <= start_confirmed)
+                    and (info.advance_to is None or info.advance_to <= start_confirmed)
+                ):
+                    yield _ReadyChunk(None, None, info.records)
+                    continue
+                chunk = load()
+                records = chunk.after(start_confirmed, start_progress)
+                prepared = self.sink.prepare(records) if records else None
+                yield _ReadyChunk(chunk, prepared, len(chunk.records) - len(records))
+
+        def land(chunk: RecordChunk, report: PutReport | None) -> bool:
+            """Checkpoint after the acknowledged ``chunk``; whether to stop there."""
+            nonlocal totals, confirmed, progress
+            if report is not None:
                 totals = replace(
                     totals,
                     kinesis_records=totals.kinesis_records + report.records,
@@ -854,55 +873,45 @@ class Replicator:
                 return True
             return False
 
-        try:
-            for info, load in chunks:
-                if (
-                    confirmed is not None
-                    and (info.last_commit_lsn is None or info.last_commit_lsn <= confirmed)
-                    and (info.advance_to is None or info.advance_to <= confirmed)
-                ):
-                    totals = replace(totals, skipped_records=totals.skipped_records + info.records)
-                    continue
-                chunk = load()
-                records = chunk.after(confirmed, progress)
-                totals = replace(totals, skipped_records=totals.skipped_records + len(chunk.records) - len(records))
-                try:
-                    prepared = self.sink.prepare(records) if records else None
-                except SinkError as exc:
-                    if flight is not None:
-                        land()  # acknowledged is acknowledged: checkpoint the chunk before, then fail
-                    raise self._with_slot_position(exc, window, confirmed) from exc
-                if flight is not None and land():
-                    return totals, confirmed, True
-                flight = (chunk, sender.submit(self.sink.send, prepared) if prepared is not None else None)
-            if flight is not None and land():
-                return totals, confirmed, True
-            return totals, confirmed, False
-        finally:
-            sender.shutdown(wait=True)  # a chunk still on the wire after an error: answered or timed out
+        with _Prefetch(ready_chunks(), ahead=PREPARED_CHUNKS_AHEAD, name="pg2k-prepare") as ready:
+            try:
+                for item in ready:
+                    totals = replace(totals, skipped_records=totals.skipped_records + item.skipped)
+                    if item.chunk is None:
+                        continue
+                    report = self.sink.send(item.prepared) if item.prepared is not None else None
+                    if land(item.chunk, report):
+                        return totals, confirmed, True
+            except SinkError as exc:  # preparing or sending: what was acknowledged before is checkpointed
+                with contextlib.suppress(Exception):
+                    checkpointed(checkpoints.wait())  # so the message says where the slot really stands
+                raise self._with_slot_position(exc, window, confirmed) from exc
+        return totals, confirmed, False
 
     def _format_and_publish(
         self, window: PeekedWindow, should_stop: Callable[[], bool] | None = None
     ) -> PublishedWindow:
         """``format`` and ``publish`` at once, for a run that does the whole window in one process (``pg2k``,
-        the continuous job): a thread formats the next chunks while this one publishes, and record chunks
-        are handed over in memory (at most :data:`FORMATTED_CHUNKS_AHEAD` waiting) instead of through the
-        spool. Same order, checkpoints and skipping as the two steps one after the other."""
+        the continuous job): the preparing thread of :meth:`_publish_each` formats the next chunks while this
+        one sends, and record chunks are handed over in memory instead of through the spool. Same order,
+        checkpoints and skipping as the two steps one after the other."""
         started = time.perf_counter()
         self.prepare()
         spool = self._rows_of(window)
         spool.drop_records()
         stats = BatchStats()
-        handover = _ChunkHandover(self._record_chunks(window, spool, stats))
-        infos: list[RecordChunkInfo] = []
+        infos: list[RecordChunkInfo] = []  # filled by the preparing thread, read once it is stopped
 
         def chunks() -> Iterator[tuple[RecordChunkInfo, Callable[[], RecordChunk]]]:
-            for chunk in handover:
-                infos.append(chunk.info(len(infos)))
-                yield infos[-1], partial(_same, chunk)
+            formatted = self._record_chunks(window, spool, stats)
+            try:
+                for chunk in formatted:
+                    infos.append(chunk.info(len(infos)))
+                    yield infos[-1], partial(_same, chunk)
+            finally:
+                formatted.close()
 
-        with handover:
-            totals, confirmed, stopped = self._publish_chunks(window, chunks(), None, should_stop)
+        totals, confirmed, stopped = self._publish_chunks(window, chunks(), None, should_stop)
         # A stopped window counts what was formatted up to the stop; the rest stays pending on the slot.
         formatted = FormattedWindow(window=window, chunks=tuple(infos), stats=stats,
                                     seconds=time.perf_counter() - started, chunk_count=len(infos))

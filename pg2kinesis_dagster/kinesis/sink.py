@@ -558,9 +558,9 @@ class KinesisSink:
                         states[i] = IN_FLIGHT
                     batch = [entries[i] for i in chosen]
                     progress.requests += 1
-                    if pool is not None:
+                    if pool is not None and (in_flight or len(chosen) < remaining):
                         future = pool.submit(self._put_records, batch)
-                    else:
+                    else:  # the only request needed (an aggregated chunk's, often): a hand-over costs, gains nothing
                         future = Future()
                         future.set_result(self._put_records(batch))
                     in_flight[future] = chosen
