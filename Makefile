@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Everything a fresh machine needs: PostgreSQL 15 + wal2json (Debian) and the Python packages.
 # The native accelerators (Cython, setup.py) are compiled by the same install; here a failed compile is an
 # error (PG2K_REQUIRE_NATIVE=1), where a plain `pip install` would fall back to the pure-Python path.
-NATIVE := $(shell find pg2kinesis_dagster -name '_*.pyx')
+NATIVE := $(shell find pg2kinesis_dagster -name '_*.pyx' -o -name '_*.pxd')
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	./scripts/install-system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -21,6 +21,7 @@ from cpython.list cimport PyList_Append
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy
+from pg2kinesis_dagster._gil cimport YIELD_EVERY, yield_gil
 
 import orjson
 
@@ -522,21 +523,6 @@ cdef Py_ssize_t _value(const uint8_t* b, Py_ssize_t i, Py_ssize_t e, Col* col) n
 
 
 # -- registered tables -----------------------------------------------------------------------------------
-
-
-cdef inline void _nothing() noexcept nogil:
-    pass
-
-
-cdef inline void yield_gil() noexcept:
-    """Hand the GIL to a thread waiting for it, if one is: a long C loop never does by itself, so a request's
-    answer (or the next request) would wait until the whole loop is done instead of the switch interval."""
-    with nogil:
-        _nothing()
-
-
-# Changes between two chances for other threads to take the GIL: ~0.3 ms.
-cdef Py_ssize_t YIELD_EVERY = 512
 
 
 cdef class _Layout:

@@ -22,6 +22,7 @@ from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
+from pg2kinesis_dagster._gil cimport YIELD_EVERY, yield_gil
 
 import dataclasses
 import hashlib
@@ -266,21 +267,6 @@ def md5_keys(keys: list, use_hashlib: bool) -> None:
 
 
 # -- Record fields -------------------------------------------------------------------------------------------
-
-
-cdef inline void _nothing() noexcept nogil:
-    pass
-
-
-cdef inline void yield_gil() noexcept:
-    """Hand the GIL to a thread waiting for it, if one is: a long C loop never does by itself, so a request's
-    answer (or the next request) would wait until the whole loop is done instead of the switch interval."""
-    with nogil:
-        _nothing()
-
-
-# Records (aggregate) or changes (the lane) between two chances for other threads to take the GIL: ~0.3 ms.
-cdef Py_ssize_t YIELD_EVERY = 512
 
 
 cdef Py_ssize_t _offset(str name):
