@@ -106,6 +106,8 @@ def _gc_paused() -> Iterator[None]:
 
 # Record chunks prepared (formatted, validated, aggregated) ahead of the one being sent.
 PREPARED_CHUNKS_AHEAD = 2
+# The thread that prepares them (tests check that none outlives its window).
+PREPARE_THREAD_NAME = "pg2k-prepare"
 
 _T = TypeVar("_T")
 
@@ -873,7 +875,7 @@ class Replicator:
                 return True
             return False
 
-        with _Prefetch(ready_chunks(), ahead=PREPARED_CHUNKS_AHEAD, name="pg2k-prepare") as ready:
+        with _Prefetch(ready_chunks(), ahead=PREPARED_CHUNKS_AHEAD, name=PREPARE_THREAD_NAME) as ready:
             try:
                 for item in ready:
                     totals = replace(totals, skipped_records=totals.skipped_records + item.skipped)

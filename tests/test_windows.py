@@ -180,7 +180,8 @@ def test_budget_limits_end_a_window_at_a_commit(
 
 
 def _format_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name == "pg2k-format"]
+    """The threads that format (and prepare) chunks ahead of the one being sent."""
+    return [t.name for t in threading.enumerate() if t.name == pipeline.PREPARE_THREAD_NAME]
 
 
 def test_a_whole_window_formats_ahead_and_publishes_what_the_steps_publish(
