@@ -724,14 +724,8 @@ class Replicator:
         for txn in merger.follow(self.schema_keys.follow(decoded, self.decoder)):
             if txn.partial:
                 stamp(txn)
-            first = len(chunk.records)
-            self.builder.add(txn, chunk.records, stats)
-            added = chunk.records[first:]
-            chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
-            chunk.record_bytes += sum(r.size for r in added)
-            if not txn.partial and not merger.open:
-                chunk.advance_to = txn.commit_lsn
-            if len(chunk.records) >= chunk_changes or chunk.record_bytes >= chunk_bytes:
+            chunk.add_transaction(txn, self.builder, stats, ends=not txn.partial and not merger.open)
+            if chunk.full(chunk_changes, chunk_bytes):
                 yield chunk
                 chunk = RecordChunk()
         if chunk.records or chunk.advance_to is not None:

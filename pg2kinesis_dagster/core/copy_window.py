@@ -265,14 +265,8 @@ class _Driver:
         for txn in merger.follow(self.schema_keys.follow(decoded, self.decoder)):
             if txn.partial:
                 self._stamp(txn, resume_at)
-            first = len(chunk.records)
-            builder.add(txn, chunk.records, stats)
-            added = chunk.records[first:]
-            chunk.commit_lsns.extend([txn.commit_lsn] * len(added))
-            chunk.record_bytes += sum(r.size for r in added)
-            if not txn.partial and not merger.open:
-                chunk.advance_to = txn.commit_lsn
-            if len(chunk.records) >= self.chunk_changes or chunk.record_bytes >= self.chunk_bytes:
+            chunk.add_transaction(txn, builder, stats, ends=not txn.partial and not merger.open)
+            if chunk.full(self.chunk_changes, self.chunk_bytes):
                 yield from self._emit()
                 chunk = self.chunk
 

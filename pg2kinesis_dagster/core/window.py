@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pg2kinesis_dagster.core.batching import Record
+from pg2kinesis_dagster.core.changes import Transaction
 from pg2kinesis_dagster.core.errors import ConfigError
-from pg2kinesis_dagster.core.records import BatchStats
+from pg2kinesis_dagster.core.records import BatchStats, RecordBuilder
 
 # Window budget defaults: large enough that a backlog drains in few runs (a run's start costs seconds
 # under a daemon), small enough that a run stays minutes, not hours, and its spool a few hundred MB.
@@ -265,6 +266,22 @@ class RecordChunk:
         self.records.append(record)
         self.commit_lsns.append(commit_lsn)
         self.record_bytes += record.size
+
+    def add_transaction(self, txn: Transaction, builder: RecordBuilder, stats: BatchStats, *, ends: bool) -> None:
+        """The records ``builder`` makes of ``txn`` (a transaction or a part of one, its commit known), each with
+        its commit LSN. ``ends``: the transaction is whole here (not a part, no table snapshot chunk open), so
+        once this chunk is acknowledged the slot may move to its commit."""
+        first = len(self.records)
+        builder.add(txn, self.records, stats)
+        added = self.records[first:]
+        self.commit_lsns.extend([txn.commit_lsn] * len(added))
+        self.record_bytes += sum(r.size for r in added)
+        if ends:
+            self.advance_to = txn.commit_lsn
+
+    def full(self, max_records: int, max_bytes: int) -> bool:
+        """Whether the chunk reached a chunk's budget (records or bytes)."""
+        return len(self.records) >= max_records or self.record_bytes >= max_bytes
 
     def after(self, confirmed_lsn: int | None, progress: TransactionProgress | None = None) -> list[Record]:
         """The records still to send when the slot already stands at ``confirmed_lsn``.
